@@ -1,0 +1,176 @@
+"""Model references and lineage: models move between stages as directories, never as modules.
+
+An output's id is hash(parent id, stage kind, stage config, data fingerprint): it names the output
+folder and keys the Prefect cache, so a re-run finds what is already done and skips it. A folder
+only appears under its final name once complete (written to a temp folder, then renamed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from compress.errors import RecipeError
+
+LINEAGE_FILE = "lineage.json"
+ONNX_FILE = "model.onnx"
+
+
+class ModelRef(BaseModel):
+    """A saved model: a folder plus what produced it. Small, hashable, safe to pass to tasks."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    format: Literal["hf", "onnx"]
+    task: str
+    hash: str
+    stage: str  # "source" for the model a recipe starts from
+    parent: str | None = None  # parent hash
+    config: dict[str, Any] = {}
+    onnx_file: str | None = None  # file name inside path, for format "onnx"
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    @property
+    def onnx_path(self) -> Path:
+        if self.onnx_file is None:
+            raise ValueError(f"{self.path} is not an ONNX model")
+        return self.dir / self.onnx_file
+
+    @property
+    def short(self) -> str:
+        return self.hash[:12]
+
+
+def canonical_hash(*parts: Any) -> str:
+    """sha256 of canonical JSON: the same config always hashes the same, whatever key order."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_hash(parent: str, kind: str, config: dict[str, Any], data_fingerprint: str | None) -> str:
+    return canonical_hash(parent, kind, config, data_fingerprint)
+
+
+def files_hash(paths: list[Path], root: Path) -> str:
+    """Content hash of files (names relative to root): a moved or copied model keeps its id."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(str(p.relative_to(root)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
+    """Bytes on disk of a folder's files (only those with the given suffixes, when set)."""
+    total = 0
+    for p in Path(path).rglob("*"):
+        if p.is_file() and (suffixes is None or p.name.endswith(suffixes)):
+            total += p.stat().st_size
+    return total
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".onnx.data", ".gguf", ".pt")
+
+
+def source_ref(path: str, task: str, revision: str | None = None) -> ModelRef:
+    """The recipe's starting model: a local folder (hashed by content) or a hub id."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise RecipeError(f"model.path: {p} is not a model folder (no config.json)")
+        files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        onnx = sorted(f.name for f in p.glob("*.onnx"))
+        return ModelRef(
+            path=str(p.resolve()),
+            format="onnx" if onnx and not any(f.suffix == ".safetensors" for f in files) else "hf",
+            task=task,
+            hash=files_hash(files, p),
+            stage="source",
+            onnx_file=onnx[0] if onnx else None,
+        )
+    return ModelRef(
+        path=path, format="hf", task=task, hash=canonical_hash("hub", path, revision or "main"),
+        stage="source",
+    )
+
+
+def read_ref(folder: Path) -> ModelRef | None:
+    """The reference stored in a finished output folder, or None if it is not (yet) one."""
+    f = Path(folder) / LINEAGE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return ModelRef.model_validate_json(f.read_text())
+    except ValueError:
+        return None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """A temp folder next to `final`, renamed to it only if the block succeeds.
+
+    A crash or kill leaves at most a `.tmp-*` folder, which the next run ignores and sweeps.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if read_ref(final) is None:  # something half-made is in the way: not ours to keep
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished the same work
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep_stale_temps(root: Path, older_than_s: float = 6 * 3600) -> None:
+    """Remove temp folders left by killed runs (old enough not to belong to a live one)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    now = time.time()
+    for p in root.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def write_ref(folder: Path, ref: ModelRef) -> None:
+    atomic_write_text(Path(folder) / LINEAGE_FILE, ref.model_dump_json(indent=2))

@@ -1,0 +1,198 @@
+"""The task's data: one train split and one eval split, the same eval split for every stage.
+
+Local files go through the `datasets` library's own loaders (CSV/TSV, JSON/JSONL, Parquet, text);
+anything else is treated as a hub id. Problems surface as one-line RecipeErrors before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.artifact import canonical_hash, files_hash
+from compress.errors import RecipeError
+from compress.recipe import DataSpec
+
+_SUFFIX_FORMAT = {
+    ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    train: Any  # datasets.Dataset with columns text[, text_pair], label
+    eval: Any
+    num_labels: int
+    label_names: tuple[str, ...] | None
+    fingerprint: str
+    spec: DataSpec
+
+
+def _format_of(spec: DataSpec, p: Path) -> str:
+    if spec.format != "auto":
+        return spec.format
+    fmt = _SUFFIX_FORMAT.get(p.suffix.lower())
+    if fmt is None:
+        raise RecipeError(
+            f"data.path: cannot tell the format of {p.name}; set data.format "
+            f"({', '.join(sorted(set(_SUFFIX_FORMAT.values())))})"
+        )
+    return fmt
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    level = logging.getLogger("datasets").level
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield datasets
+    finally:
+        logging.getLogger("datasets").setLevel(level)
+
+
+def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
+    """(train, eval or None, content fingerprint)."""
+    p = Path(spec.path)
+    with _quiet_datasets() as datasets:
+        if p.exists():
+            if not p.is_file():
+                raise RecipeError(f"data.path: {p} is a folder; point at a data file")
+            fmt = _format_of(spec, p)
+            kwargs: dict[str, Any] = {}
+            if fmt == "csv":
+                kwargs["delimiter"] = spec.delimiter or ("\t" if p.suffix == ".tsv" else ",")
+            try:
+                ds = datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+            except Exception as e:  # the loaders raise many types; the user needs one line
+                raise RecipeError(f"data.path: cannot read {p.name} as {fmt}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+            return ds, None, files_hash([p], p.parent)
+        if spec.path.startswith((".", "/", "~")) or p.suffix.lower() in _SUFFIX_FORMAT:
+            raise RecipeError(f"data.path: {spec.path}: no such file")
+        try:
+            train = datasets.load_dataset(spec.path, split=spec.train_split)
+            ev = (datasets.load_dataset(spec.path, split=spec.eval_split)
+                  if spec.eval_split else None)
+        except Exception as e:
+            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get(
+                "HF_HUB_OFFLINE") == "1"
+            why = "offline mode is on and it is not cached" if offline else str(e).splitlines()[0]
+            raise RecipeError(f"data.path: hub dataset {spec.path!r} cannot be loaded: {why}") \
+                from None
+        return train, ev, canonical_hash("hub", spec.path)
+
+
+def _check_columns(ds: Any, spec: DataSpec) -> None:
+    cols = list(ds.column_names)
+    for field in ("text_column", "label_column", "text_pair_column"):
+        name = getattr(spec, field)
+        if name is not None and name not in cols:
+            raise RecipeError(f"data.{field}: column {name!r} not in the data "
+                              f"(columns: {', '.join(cols)})")
+
+
+def _normalise(ds: Any, spec: DataSpec) -> Any:
+    keep = {spec.text_column: "text", spec.label_column: "label"}
+    if spec.text_pair_column:
+        keep[spec.text_pair_column] = "text_pair"
+    ds = ds.select_columns(list(keep))
+    for old, new in keep.items():
+        if old != new:
+            if new in ds.column_names:
+                ds = ds.remove_columns(new)
+            ds = ds.rename_column(old, new)
+    return ds.filter(lambda r: r["text"] is not None and r["label"] is not None)
+
+
+def _labels(train: Any, ev: Any, num_labels: int | None) -> tuple[Any, Any, int, tuple | None]:
+    values = list(train["label"]) + list(ev["label"] if ev is not None else [])
+    names: tuple[str, ...] | None = None
+    if all(isinstance(v, str) for v in values):
+        names = tuple(sorted(set(values)))
+        index = {n: i for i, n in enumerate(names)}
+        train = train.map(lambda r: {"label": index[r["label"]]})
+        if ev is not None:
+            ev = ev.map(lambda r: {"label": index[r["label"]]})
+        found = len(names)
+    elif all(isinstance(v, (int, bool)) or (isinstance(v, float) and v.is_integer())
+             for v in values):
+        ints = [int(v) for v in values]
+        if min(ints) < 0:
+            raise RecipeError(f"data.label_column: label {min(ints)} is negative; labels are "
+                              "class ids 0..N-1 or class names")
+        found = max(ints) + 1
+    else:
+        bad = next(v for v in values if not isinstance(v, (int, bool, str)))
+        raise RecipeError(f"data.label_column: label {bad!r} is neither a class id nor a name")
+    n = num_labels or max(found, 2)
+    if found > n:
+        raise RecipeError(f"data.label_column: label {found - 1} out of range for "
+                          f"model.num_labels={n}")
+    return train, ev, n, names
+
+
+@functools.lru_cache(maxsize=4)
+def load_task_data(spec: DataSpec, num_labels: int | None = None) -> TaskData:
+    """Load, check and split the recipe's data (memoised: every stage sees the same splits)."""
+    train, ev, content = _load_raw(spec)
+    _check_columns(train, spec)
+    if ev is not None:
+        _check_columns(ev, spec)
+    train = _normalise(train, spec)
+    ev = _normalise(ev, spec) if ev is not None else None
+    if len(train) == 0:
+        raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows")
+    train, ev, n, names = _labels(train, ev, num_labels)
+    if ev is None:
+        if len(train) < 4:
+            raise RecipeError(f"data: {len(train)} rows are too few to split off an eval set")
+        parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)
+        train, ev = parts["train"], parts["test"]
+    else:
+        train = train.shuffle(seed=spec.seed)
+    if len(ev) == 0:
+        raise RecipeError("data: the eval split is empty")
+    if spec.max_train_samples:
+        train = train.select(range(min(spec.max_train_samples, len(train))))
+    if spec.max_eval_samples:
+        ev = ev.select(range(min(spec.max_eval_samples, len(ev))))
+    fp = canonical_hash(content, spec.model_dump(exclude={"path"}), n)
+    return TaskData(train=train, eval=ev, num_labels=n, label_names=names, fingerprint=fp,
+                    spec=spec)
+
+
+def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
+    """Tokenize without padding (batches pad to their longest: much faster on short texts)."""
+    has_pair = "text_pair" in ds.column_names
+
+    def tok(batch: dict[str, list]) -> dict[str, Any]:
+        pair = batch["text_pair"] if has_pair else None
+        out = tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+        out["labels"] = batch["label"]
+        return out
+
+    with _quiet_datasets():
+        return ds.map(tok, batched=True, remove_columns=ds.column_names)
+
+
+def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = False,
+           seed: int = 0, tensors: str = "pt") -> Any:
+    """A DataLoader over encoded rows, padding each batch to its longest row."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer, return_tensors=tensors)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate, generator=gen)

@@ -1,0 +1,165 @@
+"""Evaluate any model reference the same way: task metric on the eval split, latency, size, memory.
+
+PyTorch models are timed in PyTorch and ONNX models in ONNX Runtime; the inputs, thread count and
+batch sizes are the same for every stage, so the numbers on one report card compare.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
+from compress.data import TaskData, encode, loader
+from compress.measure import Latency, PeakMemory, default_threads, latency_stats, time_calls
+from compress.models import count_parameters, load_classifier, load_tokenizer
+from compress.recipe import EvaluationSpec
+
+
+class Metrics(BaseModel):
+    metric: str
+    value: float  # accuracy in points (0-100), or perplexity
+    eval_samples: int
+    runtime: str
+    device: str
+    latency: list[Latency]
+    parameters: int
+    size_bytes: int  # weights on disk
+    dir_bytes: int  # everything in the folder (tokenizer, config, ...)
+    peak_rss_mb: float
+    rss_increase_mb: float
+    cuda_peak_mb: float | None = None
+    eval_seconds: float
+
+
+class Predictor:
+    """Logits for a batch of token ids, whatever runs the model."""
+
+    runtime: str
+    device: str = "cpu"
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def parameters(self) -> int:
+        raise NotImplementedError
+
+
+class TorchPredictor(Predictor):
+    runtime = "torch"
+
+    def __init__(self, model: Any, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = model.to(self.device).eval()
+        self._accepts = set(self.model.forward.__code__.co_varnames)
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        feed = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in batch.items()
+                if k in self._accepts and k != "labels"}
+        with torch.inference_mode():
+            out = self.model(**feed).logits
+        return out.float().cpu().numpy()
+
+    @property
+    def parameters(self) -> int:
+        return count_parameters(self.model)
+
+
+class OrtPredictor(Predictor):
+    runtime = "onnxruntime"
+
+    def __init__(self, path: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.path = path
+        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {k: np.asarray(v, dtype=np.int64) for k, v in batch.items() if k in self._inputs}
+        return self.session.run(None, feed)[0]
+
+    @cached_property
+    def parameters(self) -> int:
+        import onnx
+
+        m = onnx.load(self.path, load_external_data=False)
+        return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer))
+
+
+def predictor(ref: ModelRef, num_labels: int, threads: int, *,
+              trust_remote_code: bool = False) -> Predictor:
+    if ref.format == "onnx":
+        return OrtPredictor(str(ref.onnx_path), threads)
+    model = load_classifier(ref.path, num_labels, trust_remote_code=trust_remote_code)
+    return TorchPredictor(model, threads)
+
+
+def fixed_batch(tokenizer: Any, texts: list[str], batch_size: int, seq_len: int
+                ) -> dict[str, np.ndarray]:
+    """A batch of real eval texts padded to exactly seq_len: the same shapes for every stage."""
+    rows = (texts * (batch_size // max(len(texts), 1) + 1))[:batch_size]
+    enc = tokenizer(rows, padding="max_length", truncation=True, max_length=seq_len,
+                    return_tensors="np")
+    return {k: v.astype(np.int64) for k, v in enc.items()}
+
+
+def accuracy(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
+             max_samples: int | None = None) -> tuple[float, int]:
+    ev = data.eval
+    if max_samples:
+        ev = ev.select(range(min(max_samples, len(ev))))
+    enc = encode(ev, tokenizer, data.spec.max_length)
+    correct = total = 0
+    for batch in loader(enc, tokenizer, batch_size, tensors="np"):
+        labels = np.asarray(batch.pop("labels"))
+        correct += int((pred.logits(batch).argmax(-1) == labels).sum())
+        total += len(labels)
+    return 100.0 * correct / max(total, 1), total
+
+
+def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
+             trust_remote_code: bool = False) -> Metrics:
+    threads = spec.latency.threads or default_threads()
+    seq_len = spec.latency.sequence_length or data.spec.max_length
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        tokenizer = load_tokenizer(ref.path, trust_remote_code=trust_remote_code)
+        pred = predictor(ref, data.num_labels, threads, trust_remote_code=trust_remote_code)
+        value, n = accuracy(pred, data, tokenizer, spec.batch_size, spec.max_samples)
+        texts = list(data.eval["text"][: max(spec.latency.batch_size, 1)])
+        lat = []
+        for bs in sorted({1, spec.latency.batch_size}):
+            batch = fixed_batch(tokenizer, texts, bs, seq_len)
+            samples = time_calls(lambda b=batch, p=pred: p.logits(b), warmup=spec.latency.warmup,
+                                 runs=spec.latency.runs)
+            lat.append(latency_stats(samples, runtime=pred.runtime, batch_size=bs,
+                                     sequence_length=seq_len, threads=threads,
+                                     warmup=spec.latency.warmup))
+        params, device = pred.parameters, pred.device
+    del pred
+    gc.collect()
+    return Metrics(
+        metric="accuracy", value=round(value, 4), eval_samples=n, runtime=lat[0].runtime,
+        device=device, latency=lat,
+        parameters=params, size_bytes=dir_bytes(ref.dir, WEIGHT_SUFFIXES),
+        dir_bytes=dir_bytes(ref.dir), peak_rss_mb=round(mem.peak_mb, 1),
+        rss_increase_mb=round(mem.peak_mb - mem.start_mb, 1),
+        cuda_peak_mb=None if mem.cuda_peak_mb is None else round(mem.cuda_peak_mb, 1),
+        eval_seconds=round(time.perf_counter() - t0, 2),
+    )

@@ -1,0 +1,155 @@
+"""Measurement primitives: latency percentiles, peak memory, and the environment they ran in."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd",
+             "sve", "i8mm")
+PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+            "torch-pruning", "accelerate", "datasets", "prefect", "bitsandbytes")
+
+
+class Latency(BaseModel):
+    runtime: str  # "torch" or "onnxruntime"
+    batch_size: int
+    sequence_length: int
+    threads: int
+    warmup: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
+    """Milliseconds per call, after `warmup` untimed calls (first calls allocate and JIT)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def latency_stats(samples_ms: list[float], **info: Any) -> Latency:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return Latency(p50_ms=round(float(p50), 4), p90_ms=round(float(p90), 4),
+                   p99_ms=round(float(p99), 4), mean_ms=round(float(a.mean()), 4),
+                   runs=len(samples_ms), **info)
+
+
+class PeakMemory:
+    """Peak RSS over a block, sampled by a thread (ru_maxrss never goes down, so it can't
+    attribute a peak to one stage); plus CUDA max-allocated when a GPU is in use."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.start_mb = self.peak_mb = 0.0
+        self.cuda_peak_mb: float | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        self.start_mb = self.peak_mb = self._rss_mb()
+        if _cuda():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss_mb())
+        if _cuda():
+            import torch
+
+            self.cuda_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and val.strip():
+                    model = val.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(val.split())
+                if model and flags:
+                    break
+    except OSError:
+        pass
+    return {"model": model, "arch": platform.machine(), "logical_cores": os.cpu_count(),
+            "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=os.path.dirname(__file__))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5,
+                               cwd=os.path.dirname(__file__)).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "n/a"
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """Where numbers were measured: they mean little without it."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "cpu": cpu_info(), "threads": threads, "packages": versions,
+                           "git_commit": git_commit()}
+    if _cuda():
+        import torch
+
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env

@@ -1,0 +1,76 @@
+"""Loading and saving models and tokenizers, with one-line errors instead of library tracebacks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+from compress.errors import RecipeError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence 'weights newly initialized' and similar chatter we explain in reports instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _explain(path: str, e: Exception) -> RecipeError:
+    first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+    if not Path(path).exists():
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return RecipeError(f"model.path: {path!r} is not a local folder and not in the hub "
+                               "cache (HF_HUB_OFFLINE=1): download it first or give a folder")
+        return RecipeError(f"model.path: cannot load hub model {path!r}: {first}")
+    return RecipeError(f"model.path: cannot load a model from {path}: {first}")
+
+
+def load_classifier(path: str, num_labels: int | None = None, *,
+                    trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """A sequence-classification model; adds a fresh head when the checkpoint has none."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise _explain(path, e) from None
+    return model.float().eval()
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False,
+                   revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                revision=revision)
+    except (OSError, ValueError, KeyError) as e:
+        raise _explain(path, e) from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """save_pretrained in safetensors; the config carries every size a reload needs."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def count_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

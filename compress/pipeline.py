@@ -1,0 +1,254 @@
+"""Plan and run a recipe: the one loop that both the CLI's local path and the Prefect flow use.
+
+`make_plan` does every check that needs no heavy work (data loads and splits, the source model
+exists, every output id is computed), so a bad recipe fails before anything runs. `execute` walks
+the plan; the flow passes Prefect-task versions of `run_stage` and `evaluate_reference`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from compress.artifact import (
+    ModelRef,
+    atomic_write_text,
+    canonical_hash,
+    read_ref,
+    source_ref,
+    stage_hash,
+    staging_dir,
+    sweep_stale_temps,
+    write_ref,
+)
+from compress.data import TaskData, load_task_data
+from compress.errors import CompressError, GateFailed, RecipeError
+from compress.measure import cpu_info, default_threads, environment
+from compress.recipe import STAGE_CONFIGS, ExportConfig, Recipe
+from compress.report import RunReport, StageCard, check_gates, write_report
+
+INFO_FILE = "stage_info.json"
+OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
+                 "quantize": "onnx"}
+USES_DATA = {"finetune", "prune", "distill"}
+
+
+class PlannedStage(BaseModel):
+    index: int  # -1 for the reference's ONNX export
+    name: str
+    kind: str
+    config: dict[str, Any]
+    hash: str
+    parent: str
+    output_dir: str
+
+    def done(self) -> bool:
+        return read_ref(Path(self.output_dir)) is not None
+
+
+class Plan(BaseModel):
+    recipe: Recipe
+    source: ModelRef
+    data_fingerprint: str
+    num_labels: int
+    eval_hash: str
+    reference_index: int | None  # last leading finetune stage; None: the source is the reference
+    stages: list[PlannedStage]
+    reference_onnx: PlannedStage | None
+
+    def lines(self) -> list[str]:
+        out = [f"source  {self.source.path}  ({self.source.format}, id {self.source.short})"]
+        for s in self.stages:
+            ref = "  ← reference (teacher)" if s.index == self.reference_index else ""
+            state = "done, will be reused" if s.done() else "to run"
+            out.append(f"[{s.index}] {s.name:<10} {s.kind:<9} → {s.output_dir}  ({state}){ref}")
+        return out
+
+
+def _plan_stage(index: int, name: str, kind: str, config: dict, parent: str, root: Path,
+                data_fp: str) -> PlannedStage:
+    h = stage_hash(parent, kind, config, data_fp if kind in USES_DATA else None)
+    return PlannedStage(index=index, name=name, kind=kind, config=config, hash=h, parent=parent,
+                        output_dir=str(root / f"{kind}-{h[:12]}"))
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Check the recipe against the world (files, columns, labels) and compute every output id."""
+    p = Path(recipe.model.path)
+    if not p.exists() and recipe.model.path.startswith(("/", ".", "~")):
+        raise RecipeError(f"model.path: {recipe.model.path}: no such folder")
+    source = source_ref(recipe.model.path, recipe.model.task, recipe.model.revision)
+    num_labels = recipe.model.num_labels
+    if num_labels is None and p.is_dir():
+        cfg = json.loads((p / "config.json").read_text())
+        if "id2label" in cfg and len(cfg["id2label"]) >= 2:
+            num_labels = len(cfg["id2label"])
+    data = load_task_data(recipe.data, num_labels)
+    root = Path(recipe.output_root)
+    stages, parent, ref_index = [], source.hash, None
+    for i, st in enumerate(recipe.stages):
+        ps = _plan_stage(i, st.name or st.kind, st.kind,
+                         st.model_dump(mode="json", exclude={"name"}), parent, root,
+                         data.fingerprint)
+        if st.kind == "finetune" and ref_index == (i - 1 if i else None):
+            ref_index = i
+        stages.append(ps)
+        parent = ps.hash
+    reference_hash = stages[ref_index].hash if ref_index is not None else source.hash
+    ref_onnx = None
+    if recipe.evaluation.reference_onnx and any(s.kind == "export" for s in stages):
+        ref_onnx = _plan_stage(-1, "reference (onnx fp32)", "export",
+                               ExportConfig().model_dump(mode="json", exclude={"name"}),
+                               reference_hash, root, None)
+    threads = recipe.evaluation.latency.threads or default_threads()
+    eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
+                               cpu_info()["model"], threads)
+    return Plan(recipe=recipe, source=source, data_fingerprint=data.fingerprint,
+                num_labels=data.num_labels, eval_hash=eval_hash, reference_index=ref_index,
+                stages=stages, reference_onnx=ref_onnx)
+
+
+def _data(plan: Plan) -> TaskData:
+    return load_task_data(plan.recipe.data, plan.recipe.model.num_labels or plan.num_labels)
+
+
+def reference_ref(plan: Plan) -> ModelRef:
+    if plan.reference_index is None:
+        return plan.source
+    ref = read_ref(Path(plan.stages[plan.reference_index].output_dir))
+    if ref is None:
+        raise CompressError("the reference model (finetune output) is not built yet")
+    return ref
+
+
+def _evaluate(plan: Plan, ref: ModelRef) -> Any:
+    """Metrics for a model, cached on disk by (model id, evaluation settings, machine)."""
+    from compress.evaluate import Metrics, evaluate
+
+    cache = Path(plan.recipe.output_root) / "metrics" / f"{ref.short}-{plan.eval_hash[:12]}.json"
+    if cache.is_file():
+        return Metrics.model_validate_json(cache.read_text())
+    m = evaluate(ref, _data(plan), plan.recipe.evaluation,
+                 trust_remote_code=plan.recipe.model.trust_remote_code)
+    atomic_write_text(cache, m.model_dump_json(indent=2))
+    return m
+
+
+def evaluate_reference(plan: Plan) -> StageCard:
+    ref = reference_ref(plan)
+    name = "reference" if plan.reference_index is None else \
+        f"reference ({plan.stages[plan.reference_index].name})"
+    return StageCard(name=name, kind="reference", index=plan.reference_index, model=ref,
+                     metrics=_evaluate(plan, ref), reused=True)
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def run_stage(plan: Plan, index: int, input_ref: ModelRef,
+              progress: Progress | None = None) -> StageCard:
+    """Run one stage (or find it done), then evaluate its output. The input is never touched."""
+    from compress.stages import StageContext, registry
+
+    ps = plan.reference_onnx if index == -1 else plan.stages[index]
+    assert ps is not None
+    out = Path(ps.output_dir)
+    reused = ps.done()
+    if not reused:
+        sweep_stale_temps(out.parent)
+        cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
+        before_reference = plan.reference_index is not None and index <= plan.reference_index
+        ctx = StageContext(recipe=plan.recipe, data=_data(plan), progress=progress,
+                           reference=plan.source if before_reference else reference_ref(plan))
+        t0 = time.perf_counter()
+        with staging_dir(out) as tmp:
+            info = registry()[ps.kind].apply(input_ref, cfg, ctx, tmp)
+            info["seconds"] = round(time.perf_counter() - t0, 2)
+            onnx_file = info.pop("onnx_file", None)
+            atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
+            write_ref(tmp, ModelRef(path=str(out), format=OUTPUT_FORMAT[ps.kind],
+                                    task=input_ref.task, hash=ps.hash, stage=ps.kind,
+                                    parent=input_ref.hash, config=ps.config,
+                                    onnx_file=onnx_file))
+    ref = read_ref(out)
+    assert ref is not None
+    info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
+    return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref,
+                     metrics=_evaluate(plan, ref), info=info, reused=reused,
+                     seconds=info.get("seconds", 0.0), warnings=info.pop("warnings", []))
+
+
+def new_run_id() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
+            run_stage: Callable[..., StageCard] = run_stage,
+            evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
+            on_card: Callable[[RunReport, StageCard], None] | None = None,
+            progress: Progress | None = None, keep_going: bool = False) -> RunReport:
+    """Run every stage in order, writing the report after each; check gates at the end.
+
+    The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
+    report (status failed, the error) before it propagates; earlier outputs stay where they are.
+    """
+    threads = plan.recipe.evaluation.latency.threads or default_threads()
+    report = RunReport(recipe=plan.recipe.name, run_id=run_id or new_run_id(), started_at=_now(),
+                       environment=environment(threads))
+    folder = Path(reports_root) / plan.recipe.name / report.run_id
+    write_report(report, folder)
+
+    def record(card: StageCard) -> None:
+        write_report(report, folder)
+        if on_card:
+            on_card(report, card)
+
+    try:
+        current = plan.source
+        if plan.reference_index is None:
+            report.reference = evaluate_reference(plan)
+            record(report.reference)
+        for ps in plan.stages:
+            card = run_stage(plan, ps.index, current, progress)
+            current = card.model
+            if ps.index == plan.reference_index:
+                report.reference = evaluate_reference(plan)
+                report.reference.info, report.reference.reused = card.info, card.reused
+                report.reference.seconds = card.seconds
+                record(report.reference)
+                continue
+            if plan.reference_onnx and ps.kind == "export" and report.reference_onnx is None:
+                report.reference_onnx = run_stage(plan, -1, report.reference.model, progress)
+                record(report.reference_onnx)
+            report.stages.append(card)
+            record(card)
+    except BaseException as e:
+        report.status, report.finished_at = "failed", _now()
+        report.error = str(e) if isinstance(e, CompressError) else f"{type(e).__name__}: {e}"
+        write_report(report, folder)
+        raise
+    report.gates = check_gates(report, plan.recipe.gates)
+    failed = [g for g in report.gates if not g.passed]
+    report.status = "failed" if failed and not keep_going else "passed"
+    report.finished_at = _now()
+    if failed:
+        report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
+    write_report(report, folder)
+    if failed and not keep_going:
+        raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")
+    return report
+
+
+def report_folder(reports_root: Path, report: RunReport) -> Path:
+    return Path(reports_root) / report.recipe / report.run_id

@@ -1,0 +1,334 @@
+"""The recipe: one YAML file parsed into one pydantic model, checked whole before any work starts.
+
+Stage configs are a discriminated union on `kind`; every model forbids unknown keys so a typo is
+an error, not a silently ignored setting. Errors name the field path and the reason in one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress.errors import RecipeError
+
+Task = Literal["sequence-classification", "causal-lm"]
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys are errors, values are plain data (JSON round-trips)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="Local model directory (save_pretrained layout) or a hub id.")
+    task: Task = "sequence-classification"
+    num_labels: int | None = Field(None, ge=2, description="Classes; default: from the model/data.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSpec(Strict):
+    path: str = Field(description="Local CSV/TSV/JSON(L)/Parquet/text file, or a hub dataset id.")
+    format: Literal["auto", "csv", "json", "parquet", "text"] = "auto"
+    delimiter: str | None = Field(None, description="CSV delimiter; default ',' ('\\t' for .tsv).")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str | None = Field(None, description="Named eval split; default: eval_fraction.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(128, ge=8, le=8192)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class LatencySpec(Strict):
+    batch_size: int = Field(32, ge=1, description="Timed at batch 1 and at this batch size.")
+    sequence_length: int | None = Field(None, ge=1, description="Default: data.max_length.")
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1, description="Default: all cores of this machine.")
+
+
+class EvaluationSpec(Strict):
+    metric: Literal["accuracy", "perplexity"] | None = Field(None, description="Default: by task.")
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Cap on eval examples (same for all).")
+    latency: LatencySpec = LatencySpec()
+    reference_onnx: bool = Field(
+        True, description="Also time the original in ONNX Runtime fp32, for like-for-like ratios."
+    )
+
+
+class Gates(Strict):
+    """Checked on the final model against the reference (the original, or the fine-tuned one)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, description="In accuracy points (0-100).")
+    max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, 0.1 = +10%.")
+    min_size_reduction: float | None = Field(None, gt=0, description="Reference bytes / final.")
+    min_speedup: float | None = Field(None, gt=0, description="Reference p50 / final p50, batch 1.")
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+class _Stage(Strict):
+    name: str | None = Field(None, description="A label for reports; default: the kind.")
+
+
+class _Training(_Stage):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    seed: int = 0
+    bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: bf16 autocast on GPU.")
+
+
+class FinetuneConfig(_Training):
+    """Train the input on the task's labels: prepares a teacher (e.g. a head on an encoder)."""
+
+    kind: Literal["finetune"] = "finetune"
+
+
+class PruneConfig(_Stage):
+    """Structured pruning: attention heads and FFN channels by importance, whole layers by index."""
+
+    kind: Literal["prune"] = "prune"
+    heads: float = Field(0.0, ge=0, lt=1, description="Fraction of heads removed in every layer.")
+    ffn: float = Field(0.0, ge=0, lt=1, description="Fraction of FFN channels removed per layer.")
+    drop_layers: list[int] = Field(default_factory=list, description="Layer indices to remove.")
+    importance: Literal["l1", "l2", "taylor", "random"] = "l2"
+    round_to: int = Field(8, ge=1, description="Kept FFN channels rounded to a multiple of this.")
+    calibration_samples: int = Field(64, ge=1, description="Examples for the taylor importance.")
+    seed: int = 0
+
+    @field_validator("drop_layers")
+    @classmethod
+    def _unique_layers(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("layer indices must be unique")
+        if any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _does_something(self) -> PruneConfig:
+        if not (self.heads or self.ffn or self.drop_layers):
+            raise ValueError("prunes nothing: set heads, ffn or drop_layers")
+        return self
+
+
+class DistillConfig(_Training):
+    """Knowledge distillation from the reference model (the teacher) into the input (student)."""
+
+    kind: Literal["distill"] = "distill"
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) term; 1 = pure KD.")
+    learning_rate: float = Field(1e-4, gt=0)
+
+
+class ExportConfig(_Stage):
+    """ONNX export through optimum, checked against PyTorch on real eval inputs."""
+
+    kind: Literal["export"] = "export"
+    opset: int | None = Field(None, ge=11)
+    atol: float = Field(1e-4, gt=0, description="Max abs difference of logits vs PyTorch.")
+    parity_samples: int = Field(32, ge=1)
+
+
+class QuantizeConfig(_Stage):
+    """ONNX Runtime INT8 quantization of an exported model."""
+
+    kind: Literal["quantize"] = "quantize"
+    method: Literal["dynamic"] = "dynamic"
+    target: Literal["avx2", "avx512", "avx512_vnni", "arm64"] = "avx512_vnni"
+    per_channel: bool = False
+
+
+StageConfig = Annotated[
+    FinetuneConfig | PruneConfig | DistillConfig | ExportConfig | QuantizeConfig,
+    Field(discriminator="kind"),
+]
+STAGE_CONFIGS: dict[str, type[_Stage]] = {
+    "finetune": FinetuneConfig,
+    "prune": PruneConfig,
+    "distill": DistillConfig,
+    "export": ExportConfig,
+    "quantize": QuantizeConfig,
+}
+TORCH_STAGES = {"finetune", "prune", "distill"}
+ONNX_STAGES = {"quantize"}
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Lowercase, digits, '-'.")
+    model: ModelSpec
+    data: DataSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    gates: Gates = Gates()
+    stages: list[StageConfig] = Field(min_length=1)
+    output_root: str = Field("outputs", description="Where stage outputs live, named by hash.")
+
+    @property
+    def metric(self) -> str:
+        default = "accuracy" if self.model.task == "sequence-classification" else "perplexity"
+        return self.evaluation.metric or default
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> Recipe:
+        exported_at: int | None = None
+        compressing = False
+        for i, st in enumerate(self.stages):
+            where = f"stages[{i}] ({st.kind})"
+            if st.kind == "finetune" and compressing:
+                raise ValueError(
+                    f"{where}: finetune prepares the reference model and must come before any "
+                    "prune/distill/export/quantize stage"
+                )
+            if st.kind != "finetune":
+                compressing = True
+            if st.kind in TORCH_STAGES and exported_at is not None:
+                raise ValueError(
+                    f"{where}: works on PyTorch models but comes after export "
+                    f"(stages[{exported_at}]); move it before the export"
+                )
+            if st.kind == "export":
+                if exported_at is not None:
+                    raise ValueError(f"{where}: the model is already exported at "
+                                     f"stages[{exported_at}]")
+                exported_at = i
+            if st.kind in ONNX_STAGES and exported_at is None:
+                raise ValueError(
+                    f"{where}: ONNX Runtime quantization needs an exported model; "
+                    "add '- kind: export' before it"
+                )
+        if self.model.task == "causal-lm" and self.metric == "accuracy":
+            raise ValueError("evaluation.metric: accuracy needs task sequence-classification")
+        if self.model.task == "sequence-classification" and self.metric == "perplexity":
+            raise ValueError("evaluation.metric: perplexity needs task causal-lm")
+        if self.model.task == "causal-lm":
+            raise ValueError("model.task: causal-lm is not supported yet; use "
+                             "sequence-classification")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in STAGE_CONFIGS and out.endswith("]"):
+            continue  # the union's tag: the index already says which stage
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...], raw: Any) -> type[BaseModel] | None:
+    """The config class a pydantic error location points into (for 'did you mean')."""
+    model: type[BaseModel] | None = Recipe
+    node = raw
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict):
+                model = STAGE_CONFIGS.get(str(node.get("kind")))
+            continue
+        if part in STAGE_CONFIGS:
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        node = node.get(part) if isinstance(node, dict) else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_error(err: dict[str, Any], raw: Any) -> str:
+    loc = tuple(err["loc"])
+    where = _loc(loc) or "recipe"
+    if err["type"] == "extra_forbidden":
+        model = _model_at(loc, raw)
+        if model is not None:
+            allowed = sorted(model.model_fields)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return f"{where}: unknown field; {hint}allowed: {', '.join(allowed)}"
+        return f"{where}: unknown field"
+    if err["type"] == "union_tag_invalid":
+        return f"{where}.kind: unknown stage kind {err['input'].get('kind')!r}; " \
+               f"expected one of: {', '.join(STAGE_CONFIGS)}"
+    if err["type"] == "union_tag_not_found":
+        return f"{where}: every stage needs a 'kind' ({', '.join(STAGE_CONFIGS)})"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{where}: {msg}"
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate already-parsed YAML; the first error becomes one RecipeError line."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping (name, model, data, stages, ...)")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _format_error(errors[0], raw)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecipeError(f"{source}: {first}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe; relative paths inside resolve against the recipe's own folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: no such recipe file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{p}{at}: not valid YAML: {reason}") from None
+    recipe = parse_recipe(raw, str(p))
+    return resolve_paths(recipe, p.parent)
+
+
+def _resolve(value: str, base: Path) -> str:
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    local = (base / candidate).resolve()
+    # A hub id ("org/name") stays as written unless such a folder exists next to the recipe.
+    if local.exists() or value.startswith((".", "~")) or not looks_like_hub_id(value):
+        return str(local)
+    return value
+
+
+def looks_like_hub_id(value: str) -> bool:
+    parts = value.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    return recipe.model_copy(
+        update={
+            "model": recipe.model.model_copy(update={"path": _resolve(recipe.model.path, base)}),
+            "data": recipe.data.model_copy(update={"path": _resolve(recipe.data.path, base)}),
+            "output_root": str((Path.cwd() / recipe.output_root).resolve()),
+        }
+    )

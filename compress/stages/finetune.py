@@ -1,0 +1,32 @@
+"""finetune: train the input on the task's labels, e.g. to turn an encoder into a teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.artifact import ModelRef
+from compress.models import load_classifier, load_tokenizer, save_hf
+from compress.recipe import FinetuneConfig
+from compress.stages import StageContext
+
+
+def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
+    from compress.losses import hard_label_loss
+    from compress.train import train
+
+    torch.manual_seed(cfg.seed)  # a fresh classification head is initialised from this seed
+    spec = ctx.recipe.model
+    model = load_classifier(ref.path, ctx.data.num_labels,
+                            trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    tok = load_tokenizer(ref.path, trust_remote_code=spec.trust_remote_code,
+                         revision=spec.revision)
+    model, stats = train(model, tok, ctx.data, cfg, lambda s, _t, y: hard_label_loss(s, y),
+                         desc=cfg.name or "finetune", progress=ctx.progress)
+    if ctx.data.label_names:
+        model.config.id2label = dict(enumerate(ctx.data.label_names))
+        model.config.label2id = {n: i for i, n in enumerate(ctx.data.label_names)}
+    save_hf(model, tok, out)
+    return {"training": stats}
