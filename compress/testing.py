@@ -6,10 +6,17 @@ import csv
 import random
 from pathlib import Path
 
-POSITIVE = ("good great excellent wonderful superb delightful moving brilliant charming "
-            "fun").split()
-NEGATIVE = "bad awful terrible boring dull weak tedious poor clumsy bland".split()
-FILLER = "the a movie film plot story acting scenes was is and with very quite really".split()
+POSITIVE = (
+    "good", "great", "excellent", "wonderful", "superb", "delightful", "moving", "brilliant",
+    "charming", "fun",
+)
+NEGATIVE = (
+    "bad", "awful", "terrible", "boring", "dull", "weak", "tedious", "poor", "clumsy", "bland",
+)
+FILLER = (
+    "the", "a", "movie", "film", "plot", "story", "acting", "scenes", "was", "is", "and",
+    "with", "very", "quite", "really",
+)
 
 
 def make_sentiment_csv(path: Path, rows: int = 400, seed: int = 0) -> Path:
