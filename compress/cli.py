@@ -1,0 +1,129 @@
+"""The `compress` command: a thin layer over the recipe and the pipeline.
+
+Exit codes: 0 ok · 1 a stage failed · 2 bad recipe or input (nothing ran) · 3 a gate failed.
+`run` goes through the Prefect flow (embedded server unless PREFECT_API_URL is set); `--local`
+runs the same stages without Prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+
+from compress.errors import CompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress a trained Hugging Face model into an edge-ready one.")
+out = Console()
+err = Console(stderr=True)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OutputRoot = Annotated[Path | None, typer.Option(help="Override the recipe's output_root.")]
+ReportsDir = Annotated[Path, typer.Option(help="Where report cards are written.")]
+
+
+def _fail(e: CompressError) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    return typer.Exit(e.exit_code)
+
+
+def _load(recipe: Path, output_root: Path | None):
+    from compress.pipeline import make_plan
+    from compress.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    if output_root is not None:
+        r = r.model_copy(update={"output_root": str(output_root.resolve())})
+    return make_plan(r)
+
+
+@app.command()
+def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
+    """Check the recipe and what it points at, and print the plan. Runs nothing."""
+    try:
+        plan = _load(recipe, output_root)
+    except CompressError as e:
+        raise _fail(e) from None
+    out.print(f"[green]ok[/] {plan.recipe.name}: {len(plan.stages)} stages; data: "
+              f"{plan.train_size} train / {plan.eval_size} eval examples, {plan.num_labels} "
+              f"labels; metric: {plan.recipe.metric}", highlight=False)
+    for line in plan.lines():
+        out.print("  " + line, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(recipe: RecipeArg, output_root: OutputRoot = None,
+        reports_dir: ReportsDir = Path("reports"),
+        local: Annotated[bool, typer.Option(help="Run without Prefect.")] = False,
+        keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
+        ) -> None:
+    """Run a recipe: every stage, a report card after each, gates at the end."""
+    from compress.pipeline import execute, report_folder
+    from compress.report import read_report
+
+    try:
+        plan = _load(recipe, output_root)
+    except CompressError as e:
+        raise _fail(e) from None
+    for line in plan.lines():
+        out.print(line, highlight=False, soft_wrap=True)
+    reports_dir = reports_dir.resolve()
+    try:
+        if local:
+            report = execute(plan, reports_dir, keep_going=keep_going)
+            folder = report_folder(reports_dir, report)
+        else:
+            from flows.compress_flow import compress_recipe
+
+            result = compress_recipe(recipe=plan.recipe, reports_dir=str(reports_dir),
+                                     keep_going=keep_going)
+            folder = Path(result["report"])
+    except CompressError as e:
+        raise _fail(e) from None
+    out.print(Markdown((folder / "report.md").read_text()))
+    out.print(f"report: {folder / 'report.md'}", highlight=False)
+    if read_report(folder).status != "passed":
+        raise typer.Exit(3)
+
+
+@app.command()
+def report(path: Annotated[Path, typer.Argument(help="A report folder or report.json; or a "
+                                                     "recipe's folder for its latest run.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print the JSON.")] = False,
+           ) -> None:
+    """Print a report card."""
+    from compress.report import read_report, render_markdown
+
+    p = path
+    if p.is_dir() and not (p / "report.json").is_file():
+        runs = sorted(d for d in p.iterdir() if (d / "report.json").is_file())
+        if not runs:
+            raise _fail(CompressError(f"{p}: no report here"))
+        p = runs[-1]
+    try:
+        rep = read_report(p)
+    except (OSError, ValueError) as e:
+        raise _fail(CompressError(f"{path}: not a report ({type(e).__name__})")) from None
+    if as_json:
+        print(rep.model_dump_json(indent=2))
+    else:
+        out.print(Markdown(render_markdown(rep)))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except CompressError as e:  # anything a command did not catch itself
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

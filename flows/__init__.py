@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of compress's stages. All logic lives in compress/."""

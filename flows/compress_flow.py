@@ -1,0 +1,113 @@
+"""One flow per recipe run, one task per stage; tasks pass model references, never modules.
+
+Caching: a stage task's cache key is its output's lineage hash (plus the evaluation settings), and
+only while that output exists on disk; the library itself also finds finished outputs by hash, so
+a retried or re-run flow redoes nothing that finished, with or without Prefect's cache.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import TaskRunContext
+
+from compress import pipeline
+from compress.artifact import ModelRef
+from compress.recipe import Recipe
+from compress.report import RunReport, StageCard, render_markdown, table
+
+
+def _planned(plan: pipeline.Plan, index: int) -> pipeline.PlannedStage:
+    ps = plan.reference_onnx if index == -1 else plan.stages[index]
+    assert ps is not None
+    return ps
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The lineage hash, but only while the output it names is on disk (else: run it)."""
+    plan, index = parameters["plan"], parameters["index"]
+    ps = _planned(plan, index)
+    return f"{ps.hash[:32]}-{plan.eval_hash[:16]}" if ps.done() else None
+
+
+def _stage_run_name() -> str:
+    from prefect.runtime import task_run
+
+    p = task_run.parameters
+    ps = _planned(p["plan"], p["index"])
+    return f"{ps.index}-{ps.name}" if ps.index >= 0 else "reference-onnx"
+
+
+class _ProgressArtifact:
+    """Training progress as a Prefect progress artifact, updated at most every 2 s."""
+
+    def __init__(self) -> None:
+        self.id: Any = None
+        self.last = 0.0
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        pct = 100.0 * done / max(total, 1)
+        if self.id is None:
+            self.id = create_progress_artifact(pct, description=f"{label}: steps")
+        elif time.monotonic() - self.last > 2 or done == total:
+            update_progress_artifact(self.id, pct)
+        else:
+            return
+        self.last = time.monotonic()
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name=_stage_run_name)
+def stage_task(plan: pipeline.Plan, index: int, input_ref: ModelRef) -> StageCard:
+    return pipeline.run_stage(plan, index, input_ref, progress=_ProgressArtifact())
+
+
+@task(task_run_name="reference")
+def reference_task(plan: pipeline.Plan) -> StageCard:
+    return pipeline.evaluate_reference(plan)
+
+
+def publish(report: RunReport, card: StageCard) -> None:
+    """The running report card as a table and a Markdown artifact, keyed per recipe."""
+    head, rows = table(report)
+    create_table_artifact(key=f"{report.recipe}-report-card",
+                          table=[dict(zip(head, r, strict=True)) for r in rows],
+                          description=f"{report.recipe}: after {card.name} (run {report.run_id})")
+    create_markdown_artifact(key=f"{report.recipe}-report", markdown=render_markdown(report),
+                             description=f"{report.recipe} report card, run {report.run_id}")
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    recipe = flow_run.parameters.get("recipe")
+    name = getattr(recipe, "name", None) or (recipe or {}).get("name", "recipe")
+    return f"{name}-{datetime.now():%Y%m%d-%H%M}"
+
+
+@flow(name="compress-recipe", flow_run_name=_run_name, persist_result=True,
+      log_prints=True)
+def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
+                    keep_going: bool = False) -> dict[str, Any]:
+    """Run a compression recipe: every stage a task, every report card an artifact."""
+    from prefect.runtime import flow_run
+
+    plan = pipeline.make_plan(recipe)
+    run_id = f"{datetime.now():%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
+
+    def run_stage(plan: pipeline.Plan, index: int, input_ref: ModelRef,
+                  progress: Any = None) -> StageCard:
+        return stage_task(plan, index, input_ref)
+
+    report = pipeline.execute(plan, reports_dir, run_id=run_id, run_stage=run_stage,
+                              evaluate_reference=reference_task, on_card=publish,
+                              keep_going=keep_going)
+    return {"report": str(pipeline.report_folder(reports_dir, report)), "status": report.status}

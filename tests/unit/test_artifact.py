@@ -1,0 +1,52 @@
+"""Lineage ids and atomic outputs."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from compress.artifact import (
+    ModelRef,
+    canonical_hash,
+    read_ref,
+    source_ref,
+    stage_hash,
+    staging_dir,
+    write_ref,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def test_hash_ignores_key_order_and_tracks_every_input():
+    a = stage_hash("p", "prune", {"ffn": 0.5, "heads": 0.25}, "d")
+    assert a == stage_hash("p", "prune", {"heads": 0.25, "ffn": 0.5}, "d")
+    assert a != stage_hash("q", "prune", {"ffn": 0.5, "heads": 0.25}, "d")
+    assert a != stage_hash("p", "prune", {"ffn": 0.5, "heads": 0.5}, "d")
+    assert a != stage_hash("p", "prune", {"ffn": 0.5, "heads": 0.25}, "e")
+    assert canonical_hash(1) != canonical_hash("1")
+
+
+def test_source_hash_follows_content_not_location(tmp_path):
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"abc")
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert source_ref(str(src), "t").hash == source_ref(str(copy), "t").hash
+    (copy / "model.safetensors").write_bytes(b"abd")
+    assert source_ref(str(src), "t").hash != source_ref(str(copy), "t").hash
+
+
+def test_staging_dir_publishes_only_on_success(tmp_path):
+    final = tmp_path / "prune-abc"
+    with pytest.raises(RuntimeError), staging_dir(final) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+    with staging_dir(final) as tmp:
+        (tmp / "x").write_text("1")
+        write_ref(tmp, ModelRef(path=str(final), format="hf", task="t", hash="h", stage="s"))
+    assert read_ref(final).hash == "h" and (final / "x").read_text() == "1"
