@@ -93,8 +93,7 @@ def _run_name() -> str:
     return f"{name}-{datetime.now():%Y%m%d-%H%M}"
 
 
-@flow(name="compress-recipe", flow_run_name=_run_name, persist_result=True,
-      log_prints=True)
+@flow(name="compress-recipe", flow_run_name=_run_name, persist_result=True)
 def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
                     keep_going: bool = False) -> dict[str, Any]:
     """Run a compression recipe: every stage a task, every report card an artifact."""

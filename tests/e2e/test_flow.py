@@ -25,7 +25,7 @@ def test_flow_runs_every_stage_writes_cards_and_reuses_on_rerun(prefect_harness,
     from flows.compress_flow import compress_recipe
 
     recipe = load_recipe(write_recipe([
-        {"kind": "finetune", "epochs": 2, "learning_rate": 2e-3, "batch_size": 16},
+        {"kind": "finetune", "epochs": 4, "learning_rate": 2e-3, "batch_size": 16},
         {"kind": "prune", "heads": 0.5, "ffn": 0.5},
         {"kind": "distill", "epochs": 1, "learning_rate": 2e-3, "batch_size": 16},
         {"kind": "export"}, {"kind": "quantize"}], gates={"max_accuracy_drop": 30}))
