@@ -183,9 +183,10 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
     ref = read_ref(out)
     assert ref is not None
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
+    warnings = info.pop("warnings", [])
     return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref,
                      metrics=_evaluate(plan, ref), info=info, reused=reused,
-                     seconds=info.get("seconds", 0.0), warnings=info.pop("warnings", []))
+                     seconds=info.get("seconds", 0.0), warnings=warnings)
 
 
 def new_run_id() -> str:
