@@ -1,0 +1,250 @@
+"""One self-contained HTML page per run, and a night-to-night comparison.
+
+The page must open from a CI artifact or an e-mail attachment with no network, so everything is
+inline: CSS in a <style> block, charts as SVG drawn here (no plotting library, no scripts).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from compress.artifact import atomic_write_text
+from compress.report import MB, RunReport, StageCard, p50, table
+
+W, ROW, LEFT = 640, 22, 170  # chart width, bar height, room for labels
+CSS = """body{font:14px system-ui,sans-serif;margin:2em auto;max-width:960px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+.badge{color:#fff;border-radius:4px;padding:2px 8px;font-size:.8em;vertical-align:middle}
+.passed{background:#2e7d32}.failed{background:#c62828}.running{background:#777}
+.pass{color:#2e7d32}.fail{color:#c62828}svg{display:block;margin:1em 0}
+svg text{font:11px system-ui,sans-serif}.err{background:#fdecea;padding:.5em}"""
+
+
+def _e(x: object) -> str:
+    return html.escape(str(x))
+
+
+def higher_is_better(metric: str) -> bool:
+    """Perplexity is the one metric here where lower wins; accuracy and the rest go up."""
+    return metric != "perplexity"
+
+
+def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
+    """Indices of the non-dominated (latency, metric) points, by increasing latency: the models
+    worth shipping, since every other one is beaten on both speed and quality by one of these."""
+    sign = 1.0 if higher_is_better else -1.0
+    ok = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    order = sorted(ok, key=lambda i: (points[i][0], -sign * points[i][1]))
+    front: list[int] = []
+    best = -math.inf
+    for i in order:
+        if sign * points[i][1] > best:
+            front.append(i)
+            best = sign * points[i][1]
+    return front
+
+
+def _cards(report: RunReport) -> list[StageCard]:
+    return [c for c in (report.reference, report.reference_onnx) if c] + report.stages
+
+
+def _p50(card: StageCard | None) -> float | None:
+    return p50(card, 1) if card is not None and card.metrics.latency else None
+
+
+def _axis(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[float]]:
+    """Round limits and 'nice' ticks (1, 2, 5 x 10^k) so the numbers on an axis read easily."""
+    if not hi > lo:
+        lo, hi = lo - max(abs(lo) * 0.1, 0.5), hi + max(abs(hi) * 0.1, 0.5)
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    return lo, hi, [round(lo + k * step, 10) for k in range(round((hi - lo) / step) + 1)]
+
+
+def _hbar(title: str, unit: str, labels: list[str], values: list[float]) -> str:
+    """Horizontal bars, one per stage: names stay readable however long they are."""
+    lo, hi, ticks = _axis(0.0, max(values, default=1.0) or 1.0)
+    plot = W - LEFT - 60
+    top, h = 24, ROW * len(values) + 50
+    sx = lambda v: LEFT + plot * (v - lo) / (hi - lo)  # noqa: E731
+    out = [f'<svg width="{W}" height="{h}" role="img" aria-label="{_e(title)}">',
+           f'<text x="{LEFT}" y="14" font-weight="bold">{_e(title)}</text>']
+    for t in ticks:
+        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{h - 26}" '
+                   f'stroke="#e5e5e5"/><text x="{sx(t):.1f}" y="{h - 12}" '
+                   f'text-anchor="middle">{t:g}</text>')
+    for k, (name, v) in enumerate(zip(labels, values, strict=True)):
+        y = top + k * ROW
+        out.append(f'<text x="{LEFT - 6}" y="{y + 15}" text-anchor="end">{_e(name)}</text>'
+                   f'<rect x="{LEFT}" y="{y + 3}" width="{sx(v) - LEFT:.1f}" height="{ROW - 6}" '
+                   f'fill="#4a78b5"><title>{_e(name)}: {v:.2f} {_e(unit)}</title></rect>'
+                   f'<text x="{sx(v) + 4:.1f}" y="{y + 15}">{v:.2f}</text>')
+    out.append(f'<text x="{LEFT + plot / 2:.0f}" y="{h}" text-anchor="middle">{_e(unit)}</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
+    """Metric vs batch-1 latency for this run's cards and earlier nights' finals, Pareto front
+    drawn as a staircase: shows at a glance whether tonight moved the trade-off or fell off it."""
+    cards = _cards(report)
+    metric = cards[0].metrics.metric if cards else "accuracy"
+    pts: list[tuple[float, float, str, bool]] = []  # x, y, label, from this run
+    pts += [(x, c.metrics.value, c.name, True) for c in cards if (x := _p50(c)) is not None]
+    for r in history:
+        f = r.final
+        if f is not None and f.metrics.metric == metric and (x := _p50(f)) is not None:
+            pts.append((x, f.metrics.value, r.run_id, False))
+    if not pts:
+        return "<p>No latency measured: nothing to plot.</p>"
+    x0, x1, xt = _axis(0.0, max(p[0] for p in pts) * 1.05)
+    ys = [p[1] for p in pts]
+    pad = (max(ys) - min(ys)) * 0.08
+    y0, y1, yt = _axis(min(ys) - pad, max(ys) + pad)
+    L, T, H = 70, 30, 380
+    pw, ph = W - L - 30, H - T - 50
+    sx = lambda v: L + pw * (v - x0) / (x1 - x0)  # noqa: E731
+    sy = lambda v: T + ph * (1 - (v - y0) / (y1 - y0))  # noqa: E731
+    better = "higher" if higher_is_better(metric) else "lower"
+    title = f"{metric} vs p50 batch-1 latency ({better} {metric} is better)"
+    out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
+           f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
+    for t in xt:
+        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T}" y2="{T + ph}" '
+                   f'stroke="#e5e5e5"/><text x="{sx(t):.1f}" y="{T + ph + 16}" '
+                   f'text-anchor="middle">{t:g}</text>')
+    for t in yt:
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+                   f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
+                   f'text-anchor="end">{t:g}</text>')
+    out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">'
+               f'p50 batch-1 latency (ms)</text><text transform="translate(14 {T + ph / 2:.0f}) '
+               f'rotate(-90)" text-anchor="middle">{_e(metric)}</text>')
+    front = pareto_front([(p[0], p[1]) for p in pts], higher_is_better(metric))
+    if front:
+        fx, fy = [sx(pts[i][0]) for i in front], [sy(pts[i][1]) for i in front]
+        d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
+            f" H{fx[k]:.1f} V{fy[k]:.1f}" for k in range(1, len(front)))
+        out.append(f'<path class="pareto" d="{d}" fill="none" stroke="#c62828" '
+                   f'stroke-dasharray="4 3"/>')
+    for i, (x, y, label, mine) in enumerate(pts):
+        cx, cy = sx(x), sy(y)
+        tip = f"<title>{_e(label)}: {y:.2f} {_e(metric)}, {x:.2f} ms</title>"
+        out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="#4a78b5">{tip}</circle>'
+                   if mine else f'<rect x="{cx - 4:.1f}" y="{cy - 4:.1f}" width="8" height="8" '
+                   f'fill="#e08a1e">{tip}</rect>')
+        if i in front:
+            out.append(f'<circle class="front" cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" '
+                       f'stroke="#c62828"/>')
+        out.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}">{_e(label)}</text>')
+    out.append(f'<text x="{L + pw - 4}" y="{T + 12}" text-anchor="end">● this run  '
+               f'■ earlier runs (final)  ○ Pareto front</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def _environment(env: dict) -> str:
+    if not env:
+        return "<p>Not recorded.</p>"
+    cpu, pk = env.get("cpu", {}), env.get("packages", {})
+    items = [f"CPU: {cpu.get('model')} ({cpu.get('arch')}, {cpu.get('logical_cores')} "
+             f"logical cores), flags: {', '.join(cpu.get('flags', [])) or 'none'}",
+             f"threads: {env.get('threads')} · python {env.get('python')} · "
+             f"{env.get('platform')} · git {env.get('git_commit')}",
+             ", ".join(f"{k} {v}" for k, v in pk.items() if v) or "packages: n/a"]
+    if "gpu" in env:
+        items.insert(1, f"GPU: {env['gpu']}")
+    return "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in items) + "</ul>"
+
+
+def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
+    """The whole run on one page a reviewer can open anywhere, offline."""
+    head, rows = table(report)
+    cards = _cards(report)
+    title = f"{report.recipe} — run {report.run_id}"
+    gates = ("<ul>" + "".join(
+        f'<li class="{"pass" if g.passed else "fail"}">{"PASS" if g.passed else "FAIL"} '
+        f"<code>{_e(g.gate)}</code>: {_e(g.message)}</li>" for g in report.gates) + "</ul>"
+        if report.gates else "<p>No gates checked.</p>")
+    timed = [c for c in cards if _p50(c) is not None]
+    parts = [
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}'
+        f"</title><style>{CSS}</style></head><body>",
+        f'<h1>{_e(title)} <span class="badge {_e(report.status)}">{_e(report.status)}</span>'
+        f"</h1><p>started {_e(report.started_at)}"
+        + (f" · finished {_e(report.finished_at)}" if report.finished_at else "") + "</p>",
+        f'<p class="err">Error: {_e(report.error)}</p>' if report.error else "",
+        "<h2>Gates</h2>", gates, "<h2>Stages</h2><table><tr>"
+        + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+        + "</table><p>Deltas and ratios are against the reference (first row); ♻ = reused.</p>",
+        "<h2>Size</h2>", _hbar("weights on disk per stage", "MB", [c.name for c in cards],
+                               [c.metrics.size_bytes / MB for c in cards]),
+        "<h2>Latency</h2>", _hbar("p50 latency at batch 1", "ms", [c.name for c in timed],
+                                  [_p50(c) or 0.0 for c in timed]),
+        "<h2>Quality vs speed</h2>", _scatter(report, history),
+        "<h2>Environment</h2>", _environment(report.environment), "</body></html>\n",
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def _cell(x: str) -> str:
+    return x.replace("|", "\\|")
+
+
+def compare(a: RunReport, b: RunReport, *, max_metric_drop: float = 0.5,
+            max_latency_rise: float = 0.10) -> tuple[str, list[str]]:
+    """Tonight (b) against the last good night (a), stage by stage, so a quality or speed
+    regression is caught the night it lands rather than when someone next reads a report."""
+    same_last = bool(a.stages and b.stages and a.stages[-1].name == b.stages[-1].name)
+    by_a = {c.name: c for c in a.stages}
+    pairs: list[tuple[str, StageCard | None, StageCard | None]] = [
+        ("reference", a.reference, b.reference)]
+    if a.reference_onnx or b.reference_onnx:
+        pairs.append(("reference-onnx", a.reference_onnx, b.reference_onnx))
+    for c in b.stages:
+        last = same_last and c is b.stages[-1]
+        pairs.append((f"final ({c.name})" if last else c.name, by_a.get(c.name), c))
+    names_b = {c.name for c in b.stages}
+    pairs += [(c.name, c, None) for c in a.stages if c.name not in names_b]
+    if not same_last and (a.stages or b.stages) and a.final and b.final:
+        pairs.append((f"final ({b.final.name})", a.final, b.final))
+    lines = ["| stage | metric a → b (Δ) | p50 b1 ms a → b (Δ%) | size MB a → b |",
+             "|---|---|---|---|"]
+    problems: list[str] = []
+    for label, ca, cb in pairs:
+        if ca is None and cb is None:
+            continue
+        ma, mb = (ca.metrics if ca else None), (cb.metrics if cb else None)
+        la, lb = _p50(ca), _p50(cb)
+        metric = " → ".join(f"{m.value:.2f}" if m else "—" for m in (ma, mb))
+        metric += f" ({mb.value - ma.value:+.2f})" if ma and mb else ""
+        lat = " → ".join(f"{v:.2f}" if v else "—" for v in (la, lb))
+        lat += f" ({lb / la - 1:+.1%})" if la and lb else ""
+        size = " → ".join(f"{m.size_bytes / MB:.1f}" if m else "—" for m in (ma, mb))
+        lines.append(f"| {_cell(label)} | {metric} | {lat} | {size} |")
+        if ma and mb and ma.metric == mb.metric:
+            if higher_is_better(mb.metric):
+                if round(ma.value - mb.value, 6) > max_metric_drop:
+                    problems.append(f"{label}: {mb.metric} {ma.value:.2f} -> {mb.value:.2f} "
+                                    f"({mb.value - ma.value:+.2f} points, "
+                                    f"allowed -{max_metric_drop:.2f})")
+            elif round(mb.value / ma.value - 1, 6) > max_metric_drop / 100:
+                problems.append(f"{label}: {mb.metric} {ma.value:.2f} -> {mb.value:.2f} "
+                                f"({mb.value / ma.value - 1:+.1%}, "
+                                f"allowed +{max_metric_drop / 100:.1%})")
+        if la and lb and round(lb / la - 1, 6) > max_latency_rise:
+            problems.append(f"{label}: p50 batch-1 {la:.2f} -> {lb:.2f} ms "
+                            f"({lb / la - 1:+.1%}, allowed +{max_latency_rise:.0%})")
+    return "\n".join(lines), problems
+
+
+def write_html(report: RunReport, folder: Path, history: Sequence[RunReport] = ()) -> Path:
+    """report.html beside report.json; replaced atomically so a browser never sees half a page."""
+    path = Path(folder) / "report.html"
+    atomic_write_text(path, render_html(report, history))
+    return path
