@@ -28,6 +28,14 @@ OutputRoot = Annotated[Path | None, typer.Option(help="Override the recipe's out
 ReportsDir = Annotated[Path, typer.Option(help="Where report cards are written.")]
 
 
+def _show(markdown: str) -> None:
+    """Rendered in a terminal; plain Markdown when piped (logs, CI), where tables stay whole."""
+    if out.is_terminal:
+        out.print(Markdown(markdown))
+    else:
+        print(markdown)
+
+
 def _fail(e: CompressError) -> typer.Exit:
     err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
     return typer.Exit(e.exit_code)
@@ -86,19 +94,15 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
             folder = Path(result["report"])
     except CompressError as e:
         raise _fail(e) from None
-    out.print(Markdown((folder / "report.md").read_text()))
+    _show((folder / "report.md").read_text())
     out.print(f"report: {folder / 'report.md'}", highlight=False)
     if read_report(folder).status != "passed":
         raise typer.Exit(3)
 
 
-@app.command()
-def report(path: Annotated[Path, typer.Argument(help="A report folder or report.json; or a "
-                                                     "recipe's folder for its latest run.")],
-           as_json: Annotated[bool, typer.Option("--json", help="Print the JSON.")] = False,
-           ) -> None:
-    """Print a report card."""
-    from compress.report import read_report, render_markdown
+def _read(path: Path):
+    """A run's report from its folder or report.json, or a recipe folder's latest run."""
+    from compress.report import read_report
 
     p = path
     if p.is_dir() and not (p / "report.json").is_file():
@@ -107,13 +111,40 @@ def report(path: Annotated[Path, typer.Argument(help="A report folder or report.
             raise _fail(CompressError(f"{p}: no report here"))
         p = runs[-1]
     try:
-        rep = read_report(p)
+        return read_report(p)
     except (OSError, ValueError) as e:
         raise _fail(CompressError(f"{path}: not a report ({type(e).__name__})")) from None
-    if as_json:
+
+
+@app.command()
+def report(path: Annotated[Path, typer.Argument(help="A report folder or report.json; or a "
+                                                     "recipe's folder for its latest run.")],
+           as_json: Annotated[bool, typer.Option("--json", help="Print the JSON.")] = False,
+           compare: Annotated[Path | None, typer.Option(
+               help="Compare PATH (the baseline run) with this run; exit 3 on a regression.")
+           ] = None,
+           max_metric_drop: Annotated[float, typer.Option(
+               help="With --compare: allowed metric drop (accuracy points).")] = 0.5,
+           max_latency_rise: Annotated[float, typer.Option(
+               help="With --compare: allowed p50 rise (0.1 = +10%).")] = 0.10,
+           ) -> None:
+    """Print a report card, or compare two runs stage by stage."""
+    from compress.html_report import compare as compare_runs
+    from compress.report import render_markdown
+
+    rep = _read(path)
+    if compare is not None:
+        text, problems = compare_runs(_read(compare), rep, max_metric_drop=max_metric_drop,
+                                      max_latency_rise=max_latency_rise)
+        _show(text)
+        for msg in problems:
+            err.print(f"[bold red]regression:[/] {msg}", highlight=False)
+        if problems:
+            raise typer.Exit(3)
+    elif as_json:
         print(rep.model_dump_json(indent=2))
     else:
-        out.print(Markdown(render_markdown(rep)))
+        _show(render_markdown(rep))
 
 
 def main() -> None:

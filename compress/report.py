@@ -193,11 +193,30 @@ def render_markdown(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+def earlier_runs(folder: Path, limit: int = 30) -> list[RunReport]:
+    """The recipe's earlier passed runs (siblings of this run's folder), oldest first."""
+    out = []
+    for d in sorted(Path(folder).parent.glob("*/report.json"))[-limit - 1:]:
+        if d.parent == Path(folder):
+            continue
+        try:
+            r = read_report(d)
+        except (OSError, ValueError):
+            continue  # a run being written right now, or not ours
+        if r.status == "passed":
+            out.append(r)
+    return out[-limit:]
+
+
 def write_report(report: RunReport, folder: Path) -> Path:
-    """JSON (the record) and Markdown (for people) side by side; each replaced atomically."""
+    """JSON (the record), Markdown and a self-contained HTML page; each replaced atomically."""
+    from compress.html_report import write_html
+
     folder = Path(folder)
     atomic_write_text(folder / "report.json", report.model_dump_json(indent=2))
     atomic_write_text(folder / "report.md", render_markdown(report))
+    if report.reference is not None:
+        write_html(report, folder, earlier_runs(folder))
     return folder
 
 

@@ -122,3 +122,21 @@ def test_cli_entry_point_runs():
                        text=True, timeout=60)
     assert r.returncode == 0 and "validate" in r.stdout and "run" in r.stdout
     assert Path(sys.executable).exists()
+
+
+def test_html_report_and_compare(write_recipe, tmp_path):
+    path = write_recipe([{"kind": "prune", "ffn": 0.5}, {"kind": "export"}])
+    reports = tmp_path / "reports"
+    for _ in range(2):
+        assert invoke("run", "--local", str(path), "--reports-dir", str(reports)).exit_code == 0
+    first, second = sorted((reports / "tiny").glob("*/report.json"))
+    page = (second.parent / "report.html").read_text()
+    assert page.count("<svg") >= 3 and "prune" in page and first.parent.name in page
+    same = invoke("report", str(second.parent), "--compare", str(first.parent))
+    assert same.exit_code == 0 and "prune" in same.output
+
+    worse = json.loads(second.read_text())
+    worse["stages"][-1]["metrics"]["value"] -= 5.0
+    (second.parent / "report.json").write_text(json.dumps(worse))
+    r = invoke("report", str(second.parent), "--compare", str(first.parent))
+    assert r.exit_code == 3 and "regression:" in r.output and "-5.00 points" in r.output
