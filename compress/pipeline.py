@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from compress.artifact import (
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
 from compress.measure import cpu_info, default_threads, environment
-from compress.recipe import STAGE_CONFIGS, ExportConfig, Recipe
+from compress.recipe import NOT_HASHED, STAGE_CONFIGS, ExportConfig, Recipe
 from compress.report import RunReport, StageCard, check_gates, write_report
 
 INFO_FILE = "stage_info.json"
@@ -75,8 +76,9 @@ class Plan(BaseModel):
 
 
 def _plan_stage(index: int, name: str, kind: str, config: dict, parent: str, root: Path,
-                data_fp: str) -> PlannedStage:
-    h = stage_hash(parent, kind, config, data_fp if kind in USES_DATA else None)
+                data_fp: str | None) -> PlannedStage:
+    hashed = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    h = stage_hash(parent, kind, hashed, data_fp if kind in USES_DATA else None)
     return PlannedStage(index=index, name=name, kind=kind, config=config, hash=h, parent=parent,
                         output_dir=str(root / f"{kind}-{h[:12]}"))
 
@@ -96,9 +98,8 @@ def make_plan(recipe: Recipe) -> Plan:
     root = Path(recipe.output_root)
     stages, parent, ref_index = [], source.hash, None
     for i, st in enumerate(recipe.stages):
-        ps = _plan_stage(i, st.name or st.kind, st.kind,
-                         st.model_dump(mode="json", exclude={"name"}), parent, root,
-                         data.fingerprint)
+        ps = _plan_stage(i, st.name or st.kind, st.kind, st.model_dump(mode="json"), parent,
+                         root, data.fingerprint)
         if st.kind == "finetune" and ref_index == (i - 1 if i else None):
             ref_index = i
         stages.append(ps)
@@ -107,7 +108,7 @@ def make_plan(recipe: Recipe) -> Plan:
     ref_onnx = None
     if recipe.evaluation.reference_onnx and any(s.kind == "export" for s in stages):
         ref_onnx = _plan_stage(-1, "reference (onnx fp32)", "export",
-                               ExportConfig().model_dump(mode="json", exclude={"name"}),
+                               ExportConfig().model_dump(mode="json"),
                                reference_hash, root, None)
     threads = recipe.evaluation.latency.threads or default_threads()
     eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
@@ -168,8 +169,10 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
         sweep_stale_temps(out.parent)
         cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
         before_reference = plan.reference_index is not None and index <= plan.reference_index
+        work = Path(plan.recipe.output_root) / "work" / out.name
         ctx = StageContext(recipe=plan.recipe, data=_data(plan), progress=progress,
-                           reference=plan.source if before_reference else reference_ref(plan))
+                           reference=plan.source if before_reference else reference_ref(plan),
+                           work_dir=work)
         t0 = time.perf_counter()
         with staging_dir(out) as tmp:
             info = registry()[ps.kind].apply(input_ref, cfg, ctx, tmp)
@@ -180,6 +183,7 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
                                     task=input_ref.task, hash=ps.hash, stage=ps.kind,
                                     parent=input_ref.hash, config=ps.config,
                                     onnx_file=onnx_file))
+        shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for unfinished work
     ref = read_ref(out)
     assert ref is not None
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}

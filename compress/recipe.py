@@ -94,6 +94,9 @@ class _Training(_Stage):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     seed: int = 0
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: bf16 autocast on GPU.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every N steps (not part of the id)."
+    )
 
 
 class FinetuneConfig(_Training):
@@ -130,6 +133,22 @@ class PruneConfig(_Stage):
         return self
 
 
+class HiddenMatch(Strict):
+    """Match student hidden states to the teacher's (FitNets/TinyBERT), projected if widths
+    differ."""
+
+    weight: float = Field(1.0, gt=0)
+    kind: Literal["mse", "cosine"] = "mse"
+    layer_map: list[tuple[int, int]] | None = Field(
+        None, description="(student layer, teacher layer) pairs, 1-based; default: uniform."
+    )
+
+
+class TeacherSpec(Strict):
+    path: str = Field(description="A model folder or hub id with the same vocabulary.")
+    weight: float = Field(1.0, gt=0)
+
+
 class DistillConfig(_Training):
     """Knowledge distillation from the reference model (the teacher) into the input (student)."""
 
@@ -137,6 +156,24 @@ class DistillConfig(_Training):
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) term; 1 = pure KD.")
     learning_rate: float = Field(1e-4, gt=0)
+    teacher_cache: bool = Field(
+        False, description="Run the teacher once and train from its cached top-k logits."
+    )
+    top_k: int = Field(64, ge=1, description="Logits kept per position in the teacher cache.")
+    hidden: HiddenMatch | None = None
+    attention_weight: float = Field(0.0, ge=0, description="Weight of attention-map KL.")
+    teachers: list[TeacherSpec] = Field(
+        default_factory=list, description="Several teachers (weighted soft targets); default: "
+        "the reference model alone."
+    )
+
+    @model_validator(mode="after")
+    def _cache_needs_logits_only(self) -> DistillConfig:
+        if self.teacher_cache and (self.hidden or self.attention_weight or
+                                   len(self.teachers) > 1):
+            raise ValueError("teacher_cache keeps logits of one teacher only; hidden/attention "
+                             "matching and several teachers need the live teachers")
+        return self
 
 
 class ExportConfig(_Stage):
@@ -169,6 +206,7 @@ STAGE_CONFIGS: dict[str, type[_Stage]] = {
     "quantize": QuantizeConfig,
 }
 TORCH_STAGES = {"finetune", "prune", "distill"}
+NOT_HASHED = {"name", "checkpoint_every"}  # change how a stage runs, not what it makes
 ONNX_STAGES = {"quantize"}
 
 
@@ -325,10 +363,17 @@ def looks_like_hub_id(value: str) -> bool:
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    stages = [
+        st.model_copy(update={"teachers": [t.model_copy(update={"path": _resolve(t.path, base)})
+                                           for t in st.teachers]})
+        if isinstance(st, DistillConfig) else st
+        for st in recipe.stages
+    ]
     return recipe.model_copy(
         update={
             "model": recipe.model.model_copy(update={"path": _resolve(recipe.model.path, base)}),
             "data": recipe.data.model_copy(update={"path": _resolve(recipe.data.path, base)}),
+            "stages": stages,
             "output_root": str((Path.cwd() / recipe.output_root).resolve()),
         }
     )

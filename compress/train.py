@@ -1,7 +1,8 @@
 """One training loop for fine-tuning and distillation, through accelerate.
 
 accelerate gives us the device, bf16 autocast on GPU and multi-GPU (`accelerate launch`) from the
-same code; on a CPU-only machine it is a plain loop.
+same code; on a CPU-only machine it is a plain loop. Every epoch's order comes from (seed, epoch),
+so a run resumed from a checkpoint sees exactly the batches the interrupted run would have.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +20,9 @@ from compress.data import TaskData, encode, loader
 from compress.recipe import _Training
 from compress.stages import Progress
 
-# loss(student_logits, teacher_logits or None, labels) -> scalar
-LossFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+# loss(student outputs, teacher signal, labels, batch) -> scalar. The teacher signal is None
+# (fine-tuning), a list of the teachers' outputs, or (top-k values, top-k indices) from a cache.
+LossFn = Callable[[Any, Any, torch.Tensor, dict], torch.Tensor]
 
 
 def _precision(cfg: _Training) -> str:
@@ -28,20 +31,37 @@ def _precision(cfg: _Training) -> str:
     return "no"
 
 
+def encode_indexed(data: TaskData, tokenizer: Any) -> Any:
+    """The training split, tokenized, with each row's index (the teacher cache's key)."""
+    enc = encode(data.train, tokenizer, data.spec.max_length)
+    return enc.add_column("idx", list(range(len(enc))))
+
+
 def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: LossFn, *,
-          teacher: Any | None = None, desc: str = "train",
-          progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
-    """Train `model` in place; returns (unwrapped model, stats for the report card)."""
+          teachers: list[Any] = (), teacher_cache: Any | None = None, desc: str = "train",
+          progress: Progress | None = None, checkpoint_dir: Path | None = None,
+          forward_kwargs: dict[str, Any] | None = None,
+          extra: torch.nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train `model` in place; returns (unwrapped model, stats for the report card).
+
+    `extra` holds trainable helpers that are not part of the student (hidden-state
+    projections): optimised and checkpointed with it, never saved with it.
+    """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
 
+    from compress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
     torch.manual_seed(cfg.seed)
     acc = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
-    enc = encode(data.train, tokenizer, data.spec.max_length)
-    dl = loader(enc, tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    steps = cfg.max_steps or max(1, math.ceil(len(dl) * cfg.epochs))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    enc = encode_indexed(data, tokenizer)
+    per_epoch = math.ceil(len(enc) / cfg.batch_size)
+    steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs))
+    fwd = forward_kwargs or {}
+    extra = (extra or torch.nn.ModuleList()).to(acc.device)
+    params = list(model.parameters()) + list(extra.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -49,28 +69,42 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
     )
     sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
     model.train()
-    model, opt, dl, sched = acc.prepare(model, opt, dl, sched)
-    if teacher is not None:
-        teacher = teacher.to(acc.device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    teachers = [t.to(acc.device).eval().requires_grad_(False) for t in teachers]
+
+    def trainable() -> torch.nn.Module:  # what a checkpoint holds
+        return torch.nn.ModuleDict({"model": acc.unwrap_model(model), "extra": extra})
 
     losses: list[float] = []
-    curve: list[tuple[int, float]] = []
-    step, samples, t0 = 0, 0, time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", disable=not acc.is_local_main_process,
-               dynamic_ncols=True, mininterval=1.0)
+    curve: list[list[float]] = []
+    step = resumed = 0
+    if checkpoint_dir is not None and (ck := latest_checkpoint(checkpoint_dir)) is not None:
+        state = load_checkpoint(ck, model=trainable(), optimizer=opt, scheduler=sched)
+        step = resumed = state["step"]
+        losses, curve = state["extra"]["losses"], state["extra"]["curve"]
+    samples, t0 = 0, time.perf_counter()
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not acc.is_local_main_process, mininterval=1.0)
     every = max(1, steps // 50)
+    epoch, skip = divmod(step, per_epoch)
     while step < steps:
+        dl = acc.prepare(loader(enc, tokenizer, cfg.batch_size, shuffle=True,
+                                seed=cfg.seed + epoch))
+        if skip:
+            dl = acc.skip_first_batches(dl, skip)
         for batch in dl:
-            labels = batch.pop("labels")
+            labels, idx = batch.pop("labels"), batch.pop("idx")
             with acc.autocast():
-                logits = model(**batch).logits
-                t_logits = None
-                if teacher is not None:
+                out = model(**batch, **fwd)
+                signal: Any = None
+                if teachers:
                     with torch.no_grad():
-                        t_logits = teacher(**batch).logits
-                loss = loss_fn(logits, t_logits, labels)
+                        signal = [t(**batch, **fwd) for t in teachers]
+                elif teacher_cache is not None:
+                    values, indices, _ = teacher_cache.batch(idx.tolist())
+                    signal = (values.squeeze(1).to(acc.device),
+                              indices.squeeze(1).to(acc.device))
+                loss = loss_fn(out, signal, labels, batch)
             acc.backward(loss)
             opt.step()
             sched.step()
@@ -79,21 +113,30 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
             samples += len(labels)
             losses.append(float(loss.detach()))
             if step % every == 0 or step == steps:
-                curve.append((step, sum(losses[-every:]) / len(losses[-every:])))
+                curve.append([step, sum(losses[-every:]) / len(losses[-every:])])
                 rate = samples / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{curve[-1][1]:.4f}", samples_s=f"{rate:.1f}", refresh=False)
+                bar.set_postfix(loss=f"{curve[-1][1]:.4f}", samples_s=f"{rate:.1f}",
+                                refresh=False)
                 if progress:
                     progress(desc, step, steps)
             bar.update(1)
+            if checkpoint_dir is not None and cfg.checkpoint_every and \
+                    step % cfg.checkpoint_every == 0 and step < steps:
+                save_checkpoint(checkpoint_dir, step, model=trainable(),
+                                optimizer=opt, scheduler=sched,
+                                extra={"losses": losses, "curve": curve})
             if step >= steps:
                 break
+        epoch, skip = epoch + 1, 0
     bar.close()
     seconds = time.perf_counter() - t0
     model = acc.unwrap_model(model).eval()
     tail = losses[-max(1, min(50, len(losses) // 5)):]
     return model, {
-        "steps": step, "samples": samples, "seconds": round(seconds, 2),
-        "samples_per_s": round(samples / seconds, 2), "final_loss": round(sum(tail) / len(tail), 5),
-        "loss_curve": [(s, round(v, 5)) for s, v in curve], "precision": _precision(cfg),
-        "device": str(acc.device),
+        "steps": step, "resumed_from_step": resumed, "samples": samples,
+        "seconds": round(seconds, 2), "samples_per_s": round(samples / max(seconds, 1e-9), 2),
+        "final_loss": round(sum(tail) / len(tail), 5),
+        "loss_curve": [(int(s), round(v, 5)) for s, v in curve], "precision": _precision(cfg),
+        "device": str(acc.device), "teacher": "cached top-k" if teacher_cache is not None
+        else (f"live ({len(teachers)})" if len(teachers) > 1 else "live" if teachers else None),
     }

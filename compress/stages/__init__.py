@@ -25,6 +25,7 @@ class StageContext:
     data: TaskData
     reference: ModelRef  # the unpruned original (or the fine-tuned teacher): distill's teacher
     progress: Progress | None = None
+    work_dir: Path | None = None  # survives a failed attempt (checkpoints); removed on success
 
 
 Apply = Callable[[ModelRef, Any, StageContext, Path], dict[str, Any]]

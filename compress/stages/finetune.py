@@ -23,8 +23,12 @@ def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> d
                             trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     tok = load_tokenizer(ref.path, trust_remote_code=spec.trust_remote_code,
                          revision=spec.revision)
-    model, stats = train(model, tok, ctx.data, cfg, lambda s, _t, y: hard_label_loss(s, y),
-                         desc=cfg.name or "finetune", progress=ctx.progress)
+
+    def loss(s: Any, _t: Any, y: torch.Tensor, _b: dict) -> torch.Tensor:
+        return hard_label_loss(s.logits, y)
+
+    model, stats = train(model, tok, ctx.data, cfg, loss, desc=cfg.name or "finetune",
+                         progress=ctx.progress, checkpoint_dir=ctx.work_dir)
     if ctx.data.label_names:
         model.config.id2label = dict(enumerate(ctx.data.label_names))
         model.config.label2id = {n: i for i, n in enumerate(ctx.data.label_names)}
