@@ -222,3 +222,19 @@ def uniform_layer_map(num_student_layers: int, num_teacher_layers: int) -> list[
             raise ValueError(f"{name} must be a positive int, got {n!r}")
     s, t = num_student_layers, num_teacher_layers
     return [(i, max(1, (2 * i * t + s) // (2 * s))) for i in range(1, s + 1)]
+
+
+def mix_teacher_logits(teacher_logits: list[Tensor], weights: list[float],
+                       temperature: float = 1.0) -> Tensor:
+    """Logits whose T-softmax is the weighted mean of the teachers' T-softmaxes (multi-teacher).
+
+    Returns T * log(sum_i w_i softmax(t_i / T)) with weights normalised to sum to 1, so any loss
+    that applies softmax(. / T) to teacher logits sees exactly the averaged soft targets.
+    """
+    _check_temperature(temperature)
+    if not teacher_logits or len(teacher_logits) != len(weights) or min(weights) <= 0:
+        raise ValueError("need one positive weight per teacher")
+    total = float(sum(weights))
+    logs = [torch.log_softmax(t.float() / temperature, -1) + math.log(w / total)
+            for t, w in zip(teacher_logits, weights, strict=True)]
+    return temperature * torch.logsumexp(torch.stack(logs), dim=0)

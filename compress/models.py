@@ -34,11 +34,12 @@ def _explain(path: str, e: Exception) -> RecipeError:
 
 
 def load_classifier(path: str, num_labels: int | None = None, *,
-                    trust_remote_code: bool = False, revision: str | None = None) -> Any:
+                    trust_remote_code: bool = False, revision: str | None = None,
+                    **extra: Any) -> Any:
     """A sequence-classification model; adds a fresh head when the checkpoint has none."""
     from transformers import AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
     if num_labels is not None:
         kwargs["num_labels"] = num_labels
     if revision:

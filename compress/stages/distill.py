@@ -1,6 +1,14 @@
-"""distill: the reference model teaches the input (pruned) model.
+"""distill: the reference model (or several teachers) teaches the input (pruned) model.
 
 loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, labels)
+     + hidden.weight * sum over mapped layers of MSE/cosine(proj(student_h), teacher_h)
+     + attention_weight * sum over mapped layers of KL(teacher attention || student attention)
+
+Several teachers: their T-softmaxes are averaged with the given weights. With `teacher_cache`,
+the teacher runs once over the training set and its top-k logits are kept in a memory-mapped cache
+keyed by (teacher id, data fingerprint, k, max length); every epoch, and every later run with the
+same teacher and data, reads them instead of running the teacher. For a classifier k covers every
+class, so the cached loss is the exact one.
 """
 
 from __future__ import annotations
@@ -8,33 +16,140 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compress.artifact import ModelRef
+import torch
+
+from compress.artifact import ModelRef, source_ref
 from compress.errors import StageError
 from compress.models import load_classifier, load_tokenizer, save_hf
 from compress.recipe import DistillConfig
 from compress.stages import StageContext
 
 
+def build_teacher_cache(teacher: Any, teacher_ref: ModelRef, tokenizer: Any, ctx: StageContext,
+                        k: int, batch_size: int) -> Any:
+    """Open the cache for this teacher and data, filling it first if it does not exist."""
+    from compress.data import loader
+    from compress.teacher_cache import TopKCache, TopKCacheWriter, cache_key
+    from compress.train import encode_indexed
+
+    key = cache_key(teacher_ref.hash, ctx.data.fingerprint, k, ctx.data.spec.max_length)
+    folder = Path(ctx.recipe.output_root) / "teacher-cache" / key[:16]
+    cache = TopKCache.open(folder)
+    if cache is not None:
+        return cache
+    enc = encode_indexed(ctx.data, tokenizer)
+    writer = TopKCacheWriter(folder, len(enc), k)
+    with torch.inference_mode():
+        for batch in loader(enc, tokenizer, batch_size * 2):
+            batch.pop("labels")
+            idx = batch.pop("idx")
+            writer.add(idx.tolist(), teacher(**batch).logits.float())
+    writer.finish()
+    return TopKCache.open(folder)
+
+
+def _teachers(cfg: DistillConfig, ctx: StageContext, attn: str | None) -> tuple[list, list, list]:
+    """(models, refs, weights): the recipe's teachers, or the reference model alone."""
+    specs = [(t.path, t.weight) for t in cfg.teachers] or [(ctx.reference.path, 1.0)]
+    models, refs = [], []
+    for path, _ in specs:
+        ref = ctx.reference if path == ctx.reference.path else \
+            source_ref(path, ctx.reference.task)
+        if ref.format != "hf":
+            raise StageError(f"distill: teacher {path} must be a PyTorch model, not ONNX")
+        kwargs = {"attn_implementation": attn} if attn else {}
+        models.append(load_classifier(path, ctx.data.num_labels,
+                                      trust_remote_code=ctx.recipe.model.trust_remote_code,
+                                      **kwargs))
+        refs.append(ref)
+    return models, refs, [w for _, w in specs]
+
+
+def _layer_map(cfg: DistillConfig, student: Any, teacher: Any) -> list[tuple[int, int]]:
+    from compress.losses import uniform_layer_map
+
+    s_n, t_n = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    pairs = (cfg.hidden.layer_map if cfg.hidden and cfg.hidden.layer_map else
+             uniform_layer_map(s_n, t_n))
+    for s, t in pairs:
+        if not (0 <= s <= s_n and 0 <= t <= t_n):
+            raise StageError(f"distill.hidden.layer_map: ({s}, {t}) is out of range: the student "
+                             f"has layers 1-{s_n}, the teacher 1-{t_n} (0 = embeddings)")
+    return [tuple(p) for p in pairs]
+
+
 def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
-    from compress.losses import distillation_loss
+    from compress.losses import (
+        attention_kl_loss,
+        distillation_loss,
+        hard_label_loss,
+        hidden_state_loss,
+        mix_teacher_logits,
+        topk_kd_kl_loss,
+    )
     from compress.train import train
 
-    teacher_ref = ctx.reference
-    if teacher_ref.format != "hf":
-        raise StageError("distill: the teacher must be a PyTorch model, not ONNX")
     trc = ctx.recipe.model.trust_remote_code
-    n = ctx.data.num_labels
-    student = load_classifier(ref.path, n, trust_remote_code=trc)
-    teacher = load_classifier(teacher_ref.path, n, trust_remote_code=trc)
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise StageError(f"distill: teacher vocabulary ({teacher.config.vocab_size}) and student "
-                         f"vocabulary ({student.config.vocab_size}) differ")
+    attn = "eager" if cfg.attention_weight else None  # SDPA does not return attention maps
+    kwargs = {"attn_implementation": attn} if attn else {}
+    student = load_classifier(ref.path, ctx.data.num_labels, trust_remote_code=trc, **kwargs)
+    teachers, refs, weights = _teachers(cfg, ctx, attn)
+    for t, r in zip(teachers, refs, strict=True):
+        if t.config.vocab_size != student.config.vocab_size:
+            raise StageError(f"distill: teacher {r.path} has a vocabulary of "
+                             f"{t.config.vocab_size}, the student {student.config.vocab_size}; "
+                             "their tokenizers must match")
     tok = load_tokenizer(ref.path, trust_remote_code=trc)
 
-    def loss(s, t, y):
-        return distillation_loss(s, t, y, alpha=cfg.alpha, temperature=cfg.temperature)
+    pairs = _layer_map(cfg, student, teachers[0]) if cfg.hidden or cfg.attention_weight else []
+    proj = torch.nn.ModuleDict()
+    if cfg.hidden:
+        s_w, t_w = student.config.hidden_size, teachers[0].config.hidden_size
+        if s_w != t_w:  # a learned projection per mapped layer, trained, never saved
+            proj = torch.nn.ModuleDict({str(s): torch.nn.Linear(s_w, t_w) for s, _ in pairs})
+    if cfg.attention_weight:
+        for s, t in pairs:
+            hs = student.config.num_attention_heads - len(student.config.pruned_heads.get(s - 1,
+                                                                                          []))
+            ht = teachers[0].config.num_attention_heads
+            if hs != ht:
+                raise StageError(f"distill.attention_weight: student layer {s} has {hs} heads, "
+                                 f"teacher layer {t} has {ht}; attention maps need equal heads")
 
-    student, stats = train(student, tok, ctx.data, cfg, loss, teacher=teacher,
-                           desc=cfg.name or "distill", progress=ctx.progress)
+    cache = None
+    if cfg.teacher_cache:
+        cache = build_teacher_cache(teachers[0], refs[0], tok, ctx,
+                                    min(cfg.top_k, ctx.data.num_labels), cfg.batch_size)
+        teachers = []  # training never runs it
+
+    def loss(s: Any, t: Any, y: torch.Tensor, batch: dict) -> torch.Tensor:
+        if isinstance(t, tuple):  # cached top-k logits
+            soft = topk_kd_kl_loss(s.logits, t[0], t[1], temperature=cfg.temperature)
+            return soft if cfg.alpha == 1 else \
+                cfg.alpha * soft + (1 - cfg.alpha) * hard_label_loss(s.logits, y)
+        t_logits = t[0].logits if len(t) == 1 else mix_teacher_logits(
+            [o.logits for o in t], weights, cfg.temperature)
+        total = distillation_loss(s.logits, t_logits, y, alpha=cfg.alpha,
+                                  temperature=cfg.temperature)
+        mask = batch.get("attention_mask")
+        for si, ti in pairs:
+            if cfg.hidden:
+                h = s.hidden_states[si]
+                h = proj[str(si)](h) if len(proj) else h
+                total = total + cfg.hidden.weight * hidden_state_loss(
+                    h, t[0].hidden_states[ti], kind=cfg.hidden.kind, mask=mask)
+            if cfg.attention_weight and si >= 1 and ti >= 1:
+                total = total + cfg.attention_weight * attention_kl_loss(
+                    s.attentions[si - 1], t[0].attentions[ti - 1], mask=mask)
+        return total
+
+    fwd = {"output_hidden_states": bool(cfg.hidden), "output_attentions": bool(
+        cfg.attention_weight)}
+    student, stats = train(student, tok, ctx.data, cfg, loss, teachers=teachers,
+                           teacher_cache=cache, desc=cfg.name or "distill",
+                           progress=ctx.progress, checkpoint_dir=ctx.work_dir,
+                           forward_kwargs=fwd, extra=proj)
     save_hf(student, tok, out)
-    return {"training": stats, "teacher": teacher_ref.path, "teacher_hash": teacher_ref.hash}
+    return {"training": stats, "teachers": [r.path for r in refs],
+            "teacher_hashes": [r.hash for r in refs], "layer_map": pairs,
+            "projected": bool(len(proj))}

@@ -378,3 +378,19 @@ def test_uniform_layer_map_rejects_non_positive_ints(bad):
         uniform_layer_map(bad, 6)
     with pytest.raises(ValueError):
         uniform_layer_map(3, bad)
+
+
+def test_mix_teacher_logits_averages_soft_targets_by_weight():
+    from compress.losses import mix_teacher_logits
+
+    a = torch.tensor([[0.0, math.log(3.0)]])  # softmax: [0.25, 0.75]
+    b = torch.tensor([[math.log(3.0), 0.0]])  # softmax: [0.75, 0.25]
+    even = torch.softmax(mix_teacher_logits([a, b], [1.0, 1.0]), -1)
+    assert torch.allclose(even, torch.tensor([[0.5, 0.5]]), atol=1e-6)
+    skew = torch.softmax(mix_teacher_logits([a, b], [3.0, 1.0]), -1)  # .75*a + .25*b
+    assert torch.allclose(skew, torch.tensor([[0.375, 0.625]]), atol=1e-6)
+    hot = mix_teacher_logits([a, b], [3.0, 1.0], temperature=2.0)
+    pa, pb = torch.softmax(a / 2, -1), torch.softmax(b / 2, -1)
+    assert torch.allclose(torch.softmax(hot / 2, -1), 0.75 * pa + 0.25 * pb, atol=1e-6)
+    with pytest.raises(ValueError):
+        mix_teacher_logits([a, b], [1.0])

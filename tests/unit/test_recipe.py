@@ -107,3 +107,9 @@ def test_every_stage_config_round_trips_through_json(kind):
     cfg = cls.model_validate({"ffn": 0.25} if kind == "prune" else {})
     again = cls.model_validate_json(cfg.model_dump_json())
     assert again == cfg and again.kind == kind
+
+
+def test_teacher_cache_refuses_what_needs_live_teachers():
+    msg = error_of(with_(stages=[{"kind": "distill", "teacher_cache": True,
+                                  "hidden": {"weight": 1.0}}]))
+    assert "stages[0]: teacher_cache keeps logits of one teacher only" in msg
