@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from compress.artifact import atomic_write_text
@@ -67,6 +67,14 @@ def _axis(lo: float, hi: float, n: int = 5) -> tuple[float, float, list[float]]:
     return lo, hi, [round(lo + k * step, 10) for k in range(round((hi - lo) / step) + 1)]
 
 
+def _x_grid(ticks: list[float], sx: Callable[[float], float], top: float, bottom: float,
+            label_y: float) -> list[str]:
+    """Vertical grid lines with their tick values underneath."""
+    return [f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{bottom}" '
+            f'stroke="#e5e5e5"/><text x="{sx(t):.1f}" y="{label_y}" '
+            f'text-anchor="middle">{t:g}</text>' for t in ticks]
+
+
 def _hbar(title: str, unit: str, labels: list[str], values: list[float]) -> str:
     """Horizontal bars, one per stage: names stay readable however long they are."""
     lo, hi, ticks = _axis(0.0, max(values, default=1.0) or 1.0)
@@ -75,10 +83,7 @@ def _hbar(title: str, unit: str, labels: list[str], values: list[float]) -> str:
     sx = lambda v: LEFT + plot * (v - lo) / (hi - lo)  # noqa: E731
     out = [f'<svg width="{W}" height="{h}" role="img" aria-label="{_e(title)}">',
            f'<text x="{LEFT}" y="14" font-weight="bold">{_e(title)}</text>']
-    for t in ticks:
-        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{top}" y2="{h - 26}" '
-                   f'stroke="#e5e5e5"/><text x="{sx(t):.1f}" y="{h - 12}" '
-                   f'text-anchor="middle">{t:g}</text>')
+    out += _x_grid(ticks, sx, top, h - 26, h - 12)
     for k, (name, v) in enumerate(zip(labels, values, strict=True)):
         y = top + k * ROW
         out.append(f'<text x="{LEFT - 6}" y="{y + 15}" text-anchor="end">{_e(name)}</text>'
@@ -114,10 +119,7 @@ def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
     title = f"{metric} vs p50 batch-1 latency ({better} {metric} is better)"
     out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
            f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
-    for t in xt:
-        out.append(f'<line x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{T}" y2="{T + ph}" '
-                   f'stroke="#e5e5e5"/><text x="{sx(t):.1f}" y="{T + ph + 16}" '
-                   f'text-anchor="middle">{t:g}</text>')
+    out += _x_grid(xt, sx, T, T + ph, T + ph + 16)
     for t in yt:
         out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
                    f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
