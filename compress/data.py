@@ -61,6 +61,17 @@ def _quiet_datasets():
         logging.getLogger("datasets").setLevel(level)
 
 
+def _data_lines(p: Path, enough: int = 2) -> int:
+    """Non-empty lines, counting no further than `enough` (files can be large)."""
+    n = 0
+    with open(p, "rb") as f:
+        for line in f:
+            n += bool(line.strip())
+            if n >= enough:
+                break
+    return n
+
+
 def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
     """(train, eval or None, content fingerprint)."""
     p = Path(spec.path)
@@ -69,6 +80,8 @@ def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
             if not p.is_file():
                 raise RecipeError(f"data.path: {p} is a folder; point at a data file")
             fmt = _format_of(spec, p)
+            if fmt in ("csv", "json", "text") and _data_lines(p) <= (fmt == "csv"):
+                raise RecipeError(f"data.path: {p.name} has no usable rows")
             kwargs: dict[str, Any] = {}
             if fmt == "csv":
                 kwargs["delimiter"] = spec.delimiter or ("\t" if p.suffix == ".tsv" else ",")

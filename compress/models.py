@@ -44,10 +44,12 @@ def load_classifier(path: str, num_labels: int | None = None, *,
         kwargs["num_labels"] = num_labels
     if revision:
         kwargs["revision"] = revision
+    from safetensors import SafetensorError
+
     try:
         with quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _explain(path, e) from None
     return model.float().eval()
 
@@ -75,3 +77,16 @@ def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
 
 def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_weights(folder: Path) -> None:
+    """Read every safetensors header (cheap) so a corrupt file fails validation, not a stage."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise RecipeError(f"model.path: cannot load a model from {folder}: {f.name} is "
+                              f"corrupt ({e})") from None

@@ -8,8 +8,10 @@ the plan; the flow passes Prefect-task versions of `run_stage` and `evaluate_ref
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,6 +34,7 @@ from compress.artifact import (
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
 from compress.measure import cpu_info, default_threads, environment
+from compress.models import check_weights
 from compress.recipe import NOT_HASHED, STAGE_CONFIGS, ExportConfig, Recipe
 from compress.report import RunReport, StageCard, check_gates, write_report
 
@@ -83,12 +86,41 @@ def _plan_stage(index: int, name: str, kind: str, config: dict, parent: str, roo
                         output_dir=str(root / f"{kind}-{h[:12]}"))
 
 
+def _check_hub_model(path: str, revision: str | None) -> None:
+    """Offline, a hub id must already be in the local cache: say so now, not after 30 s."""
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(path, "config.json", revision=revision)
+    except ValueError:  # not even a valid repo id
+        found = None
+    if not isinstance(found, str):
+        raise RecipeError(f"model.path: {path!r} is not a local folder and not in the hub cache "
+                          "(HF_HUB_OFFLINE=1): download it first or give a folder")
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise RecipeError(f"output_root: cannot write to {root}: {e.strerror or e}") from None
+
+
 def make_plan(recipe: Recipe) -> Plan:
     """Check the recipe against the world (files, columns, labels) and compute every output id."""
     p = Path(recipe.model.path)
-    if not p.exists() and recipe.model.path.startswith(("/", ".", "~")):
-        raise RecipeError(f"model.path: {recipe.model.path}: no such folder")
+    if not p.exists():
+        if recipe.model.path.startswith(("/", ".", "~")):
+            raise RecipeError(f"model.path: {recipe.model.path}: no such folder")
+        _check_hub_model(recipe.model.path, recipe.model.revision)
+    _check_writable(Path(recipe.output_root))
     source = source_ref(recipe.model.path, recipe.model.task, recipe.model.revision)
+    if p.is_dir():
+        check_weights(p)
     num_labels = recipe.model.num_labels
     if num_labels is None and p.is_dir():
         cfg = json.loads((p / "config.json").read_text())

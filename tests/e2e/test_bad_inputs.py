@@ -1,0 +1,208 @@
+"""Every bad input in docs/errors.md, fed through the CLI: one clear line and the exit code.
+
+The cases live here; a second test checks that docs/errors.md lists each one with the same
+message, so the table cannot drift from what the program says.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from compress.cli import app
+
+pytestmark = pytest.mark.e2e
+DOC = Path(__file__).parents[2] / "docs" / "errors.md"
+
+
+@dataclass
+class Case:
+    id: str
+    what: str
+    edit: Callable[[dict, Path], object]  # may return raw YAML text to write instead
+    message: str
+    exit: int = 2
+    command: str = "validate"
+
+
+def stage(**kw):
+    return lambda d, _t: d.update(stages=[kw])
+
+
+def data(**kw):
+    return lambda d, _t: d["data"].update(kw)
+
+
+def rows(values: list) -> Callable[[dict, Path], None]:
+    def edit(d: dict, tmp: Path) -> None:
+        p = tmp / "labels.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows([[f"text {i}", v] for i, v in enumerate(values)])
+        d["data"]["path"] = str(p)
+    return edit
+
+
+def model_copy(tmp: Path, src: str) -> Path:
+    dst = tmp / "model-copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def corrupt(d: dict, tmp: Path) -> None:
+    m = model_copy(tmp, d["model"]["path"])
+    (m / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    d["model"]["path"] = str(m)
+
+
+def gpt2(d: dict, tmp: Path) -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    m = model_copy(tmp, d["model"]["path"])
+    (m / "model.safetensors").unlink()
+    cfg = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                     pad_token_id=0, num_labels=2)
+    GPT2ForSequenceClassification(cfg).save_pretrained(m)
+    d["model"]["path"] = str(m)
+
+
+def empty_dir(d: dict, tmp: Path) -> None:
+    (tmp / "empty").mkdir()
+    d["model"]["path"] = str(tmp / "empty")
+
+
+def unknown_format(d: dict, tmp: Path) -> None:
+    (tmp / "data.xyz").write_text("x")
+    d["data"]["path"] = str(tmp / "data.xyz")
+
+
+CASES = [
+    Case("malformed-yaml", "YAML that does not parse",
+         lambda d, t: "name: x\nstages: [\n  - kind: prune\n", "not valid YAML"),
+    Case("not-a-mapping", "a YAML list instead of a recipe",
+         lambda d, t: "- a\n- b\n", "a recipe is a mapping"),
+    Case("unknown-key", "a misspelt top-level key", lambda d, t: d.update(modle={}),
+         "modle: unknown field; did you mean 'model'?"),
+    Case("unknown-stage-key", "a misspelt stage setting", stage(kind="prune", heds=0.5),
+         "stages[0].heds: unknown field; did you mean 'heads'?"),
+    Case("wrong-type", "text where a number belongs", data(max_length="long"),
+         "data.max_length: Input should be a valid integer"),
+    Case("unknown-kind", "a stage kind that does not exist", stage(kind="sparsify"),
+         "stages[0].kind: unknown stage kind 'sparsify'"),
+    Case("missing-kind", "a stage without a kind", stage(ffn=0.5),
+         "stages[0]: every stage needs a 'kind'"),
+    Case("quantize-first", "quantize with no export before it", stage(kind="quantize"),
+         "ONNX Runtime quantization needs an exported model; add '- kind: export' before it"),
+    Case("prune-after-export", "a PyTorch stage after export",
+         lambda d, t: d.update(stages=[{"kind": "export"}, {"kind": "prune", "ffn": 0.5}]),
+         "works on PyTorch models but comes after export"),
+    Case("finetune-late", "finetune after a compression stage",
+         lambda d, t: d.update(stages=[{"kind": "prune", "ffn": 0.5}, {"kind": "finetune"}]),
+         "finetune prepares the reference model and must come before"),
+    Case("no-stages", "an empty stage list", lambda d, t: d.update(stages=[]),
+         "stages: List should have at least 1 item"),
+    Case("bad-name", "a recipe name that cannot name folders and artifacts",
+         lambda d, t: d.update(name="My Recipe"), "name: String should match pattern"),
+    Case("missing-model", "a model folder that does not exist",
+         lambda d, t: d["model"].update(path="/nonexistent/model"),
+         "model.path: /nonexistent/model: no such folder"),
+    Case("not-a-model", "a folder that is not a model", empty_dir,
+         "is not a model folder (no config.json)"),
+    Case("corrupt-weights", "a corrupt model.safetensors", corrupt,
+         "cannot load a model from"),
+    Case("unsupported-arch", "pruning an architecture not supported yet", gpt2,
+         "prune: architecture 'gpt2' is not supported yet (supported: bert", exit=1,
+         command="run"),
+    Case("hub-offline", "a hub id with no network and no cache",
+         lambda d, t: d["model"].update(path="someorg/some-model"),
+         "is not a local folder and not in the hub cache (HF_HUB_OFFLINE=1)"),
+    Case("missing-data", "a data file that does not exist", data(path="/nonexistent/d.csv"),
+         "data.path: /nonexistent/d.csv: no such file"),
+    Case("hub-data-offline", "a hub dataset with no network", data(path="someorg/some-data"),
+         "data.path: hub dataset 'someorg/some-data' cannot be loaded"),
+    Case("unknown-data-format", "a data file of unknown format", unknown_format,
+         "cannot tell the format of data.xyz; set data.format"),
+    Case("wrong-text-column", "a text column the data does not have",
+         data(text_column="review"),
+         "data.text_column: column 'review' not in the data (columns: text, label)"),
+    Case("wrong-label-column", "a label column the data does not have",
+         data(label_column="sentiment"), "data.label_column: column 'sentiment' not in the data"),
+    Case("label-out-of-range", "labels beyond num_labels",
+         lambda d, t: (rows([0, 1, 2, 3, 4] * 4)(d, t), d["model"].update(num_labels=2)),
+         "data.label_column: label 4 out of range for model.num_labels=2"),
+    Case("negative-label", "a negative class id", rows([0, 1, -1, 1] * 4),
+         "data.label_column: label -1 is negative"),
+    Case("empty-data", "a data file with a header and no rows", rows([]),
+         "has no usable rows"),
+    Case("too-few-rows", "too few rows to split off an eval set", rows([0, 1]),
+         "too few to split off an eval set"),
+    Case("eval-fraction", "an eval split larger than the data", data(eval_fraction=1.5),
+         "data.eval_fraction: Input should be less than 1"),
+    Case("prune-ratio-1", "a prune ratio of 1 or more", stage(kind="prune", ffn=1.0),
+         "stages[0].ffn: Input should be less than 1"),
+    Case("prune-nothing", "a prune stage that prunes nothing", stage(kind="prune"),
+         "stages[0]: prunes nothing: set heads, ffn or drop_layers"),
+    Case("heads-round-to-zero", "a head ratio too small for the model",
+         stage(kind="prune", heads=0.1), "prune.heads: 0.1 of 4 heads rounds to none", exit=1,
+         command="run"),
+    Case("missing-layer", "dropping a layer the model does not have",
+         stage(kind="prune", drop_layers=[9]), "prune.drop_layers: layer 9 does not exist",
+         exit=1, command="run"),
+    Case("temperature-zero", "a distillation temperature of 0",
+         stage(kind="distill", temperature=0),
+         "stages[0].temperature: Input should be greater than 0"),
+    Case("batch-size-zero", "a batch size of 0", stage(kind="distill", batch_size=0),
+         "stages[0].batch_size: Input should be greater than or equal to 1"),
+    Case("cache-with-hidden", "a teacher cache with hidden-state matching",
+         stage(kind="distill", teacher_cache=True, hidden={"weight": 1.0}),
+         "teacher_cache keeps logits of one teacher only"),
+    Case("layer-map-range", "a layer map naming a layer that does not exist",
+         stage(kind="distill", max_steps=1, hidden={"layer_map": [[9, 1]]}),
+         "distill.hidden.layer_map: (9, 1) is out of range", exit=1, command="run"),
+    Case("parity-failure", "ONNX output that does not match PyTorch",
+         stage(kind="export", atol=1e-12), "export: ONNX output differs from PyTorch by",
+         exit=1, command="run"),
+    Case("unwritable-output", "an output root that cannot be written",
+         lambda d, t: d.update(output_root="/proc/compress-outputs"),
+         "output_root: cannot write to /proc/compress-outputs"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_one_clear_line(case: Case, write_recipe, tmp_path):
+    path = write_recipe([{"kind": "prune", "heads": 0.5}, {"kind": "export"},
+                         {"kind": "quantize"}])
+    d = yaml.safe_load(path.read_text())
+    raw = case.edit(d, tmp_path)
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(d))
+    args = [case.command, str(path)]
+    if case.command == "run":
+        args += ["--local", "--reports-dir", str(tmp_path / "reports")]
+    r = CliRunner().invoke(app, args, catch_exceptions=False)
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert r.exit_code == case.exit, r.output
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], r.output
+    assert case.message in errors[0]
+    assert "Traceback" not in r.output
+    if case.command == "validate":
+        assert len(lines) == 1
+
+
+def test_docs_list_every_case_with_its_message():
+    doc = DOC.read_text()
+    rows = {m.group(1): (m.group(2), int(m.group(3)))
+            for m in re.finditer(r"^\| `([\w-]+)` \|[^|]*\| `(.+?)` \| (\d) \|$", doc, re.M)}
+    assert len(CASES) >= 25
+    for c in CASES:
+        assert c.id in rows, f"docs/errors.md has no row for {c.id}"
+        assert rows[c.id] == (c.message, c.exit), c.id
