@@ -96,7 +96,7 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         raise _fail(e) from None
     _show((folder / "report.md").read_text())
     out.print(f"report: {folder / 'report.md'}", highlight=False)
-    if read_report(folder).status != "passed":
+    if read_report(folder).status != "passed" and not keep_going:
         raise typer.Exit(3)
 
 
@@ -106,7 +106,8 @@ def _read(path: Path):
 
     p = path
     if p.is_dir() and not (p / "report.json").is_file():
-        runs = sorted(d for d in p.iterdir() if (d / "report.json").is_file())
+        runs = sorted(d for d in p.iterdir() if (d / "report.json").is_file()
+                      and d.name != "latest")
         if not runs:
             raise _fail(CompressError(f"{p}: no report here"))
         p = runs[-1]

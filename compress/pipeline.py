@@ -7,13 +7,14 @@ the plan; the flow passes Prefect-task versions of `run_stage` and `evaluate_ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,54 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
                      seconds=info.get("seconds", 0.0), warnings=warnings)
 
 
+@contextlib.contextmanager
+def recipe_lock(root: Path, recipe: str) -> Iterator[None]:
+    """One run of a recipe at a time. flock dies with its process, so a killed run never leaves
+    a stale lock; runs of other recipes, even into the same output root, never wait."""
+    import fcntl
+
+    path = Path(root) / "locks" / f"{recipe}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CompressError(f"recipe {recipe!r} is already running ({holder}); wait for it "
+                                "or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, since {_now()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish_latest(report: RunReport, reports_root: Path) -> Path | None:
+    """Copy the final model and its card to reports/<recipe>/latest, only for a passed run.
+
+    The new copy is made beside the old one and swapped in by rename, so `latest` is always
+    a whole model: the previous good one until the new one is complete.
+    """
+    final = report.final
+    if report.status != "passed" or final is None:
+        return None
+    dest = Path(reports_root) / report.recipe / "latest"
+    tmp = dest.with_name(f".tmp-latest-{secrets.token_hex(4)}")
+    shutil.copytree(final.model.dir, tmp / "model")
+    atomic_write_text(tmp / "report.json", report.model_dump_json(indent=2))
+    old = dest.with_name(f".old-latest-{secrets.token_hex(4)}")
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
 def new_run_id() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
@@ -243,6 +292,16 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
     The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
     report (status failed, the error) before it propagates; earlier outputs stay where they are.
     """
+    with recipe_lock(Path(plan.recipe.output_root), plan.recipe.name):
+        return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
+                        evaluate_reference=evaluate_reference, on_card=on_card,
+                        progress=progress, keep_going=keep_going)
+
+
+def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
+             run_stage: Callable[..., StageCard], evaluate_reference: Callable[[Plan], StageCard],
+             on_card: Callable[[RunReport, StageCard], None] | None, progress: Progress | None,
+             keep_going: bool) -> RunReport:
     threads = plan.recipe.evaluation.latency.threads or default_threads()
     report = RunReport(recipe=plan.recipe.name, run_id=run_id or new_run_id(), started_at=_now(),
                        environment=environment(threads))
@@ -280,13 +339,15 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
         raise
     report.gates = check_gates(report, plan.recipe.gates)
     failed = [g for g in report.gates if not g.passed]
-    report.status = "failed" if failed and not keep_going else "passed"
+    report.status = "failed" if failed else "passed"  # --keep-going changes the exit, not this
     report.finished_at = _now()
     if failed:
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
     write_report(report, folder)
     if failed and not keep_going:
         raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")
+    if not failed:
+        publish_latest(report, reports_root)
     return report
 
 

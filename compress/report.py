@@ -196,8 +196,8 @@ def render_markdown(report: RunReport) -> str:
 def earlier_runs(folder: Path, limit: int = 30) -> list[RunReport]:
     """The recipe's earlier passed runs (siblings of this run's folder), oldest first."""
     out = []
-    for d in sorted(Path(folder).parent.glob("*/report.json"))[-limit - 1:]:
-        if d.parent == Path(folder):
+    for d in sorted(Path(folder).parent.glob("*/report.json"))[-limit - 2:]:
+        if d.parent == Path(folder) or d.parent.name == "latest":
             continue
         try:
             r = read_report(d)

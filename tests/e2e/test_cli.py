@@ -104,7 +104,7 @@ def test_killed_during_distill_then_rerun_does_not_redo_prune(write_recipe, tmp_
     # The same recipe again: prune is found done by its hash; distill starts over and finishes.
     r = invoke("run", "--local", str(path), "--reports-dir", str(reports))
     assert r.exit_code == 0, r.output
-    latest = sorted(reports.glob("tiny/*/report.json"))[-1]
+    latest = sorted(p for p in reports.glob("tiny/*/report.json") if p.parent.name != "latest")[-1]
     cards = {c["kind"]: c for c in json.loads(latest.read_text())["stages"]}
     assert cards["prune"]["reused"] is True and cards["distill"]["reused"] is False
     assert (prune_dir / "model.safetensors").stat().st_mtime_ns == made
@@ -129,7 +129,8 @@ def test_html_report_and_compare(write_recipe, tmp_path):
     reports = tmp_path / "reports"
     for _ in range(2):
         assert invoke("run", "--local", str(path), "--reports-dir", str(reports)).exit_code == 0
-    first, second = sorted((reports / "tiny").glob("*/report.json"))
+    first, second = sorted(p for p in (reports / "tiny").glob("*/report.json")
+                           if p.parent.name != "latest")
     page = (second.parent / "report.html").read_text()
     assert page.count("<svg") >= 3 and "prune" in page and first.parent.name in page
     same = invoke("report", str(second.parent), "--compare", str(first.parent))
@@ -140,3 +141,34 @@ def test_html_report_and_compare(write_recipe, tmp_path):
     (second.parent / "report.json").write_text(json.dumps(worse))
     r = invoke("report", str(second.parent), "--compare", str(first.parent))
     assert r.exit_code == 3 and "regression:" in r.output and "-5.00 points" in r.output
+
+
+def test_a_second_run_of_the_same_recipe_refuses_while_one_runs(write_recipe, tmp_path):
+    from compress.pipeline import recipe_lock
+
+    path = write_recipe([{"kind": "prune", "ffn": 0.5}])
+    with recipe_lock(tmp_path / "out", "tiny"):
+        r = invoke("run", "--local", str(path), "--reports-dir", str(tmp_path / "reports"))
+    assert r.exit_code == 1
+    assert "recipe 'tiny' is already running (pid" in r.output.strip().splitlines()[-1]
+    assert not list((tmp_path / "out").glob("prune-*"))  # it refused before doing anything
+    r = invoke("run", "--local", str(path), "--reports-dir", str(tmp_path / "reports"))
+    assert r.exit_code == 0  # the lock went with its holder
+
+
+def test_latest_holds_the_last_passing_model_only(write_recipe, tmp_path):
+    reports = tmp_path / "reports"
+    good = write_recipe([{"kind": "prune", "ffn": 0.5}, {"kind": "export"}], "good.yaml")
+    assert invoke("run", "--local", str(good), "--reports-dir", str(reports)).exit_code == 0
+    latest = reports / "tiny" / "latest"
+    assert (latest / "model" / "model.onnx").is_file()
+    passed = json.loads((latest / "report.json").read_text())["run_id"]
+
+    bad = write_recipe([{"kind": "prune", "ffn": 0.25}], "bad.yaml",
+                       gates={"min_size_reduction": 100})
+    assert invoke("run", "--local", str(bad), "--reports-dir", str(reports)).exit_code == 3
+    kept = invoke("run", "--local", str(bad), "--reports-dir", str(reports), "--keep-going")
+    assert kept.exit_code == 0 and "FAIL" in kept.output
+    assert json.loads((latest / "report.json").read_text())["run_id"] == passed
+    assert (latest / "model" / "model.onnx").is_file()
+    assert not list((reports / "tiny").glob(".*latest-*"))

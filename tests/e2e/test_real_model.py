@@ -46,7 +46,8 @@ def test_minilm_prune_distill_export_quantize(assets, tmp_path):
     r = CliRunner().invoke(app, ["run", "--local", str(path), "--reports-dir",
                                  str(tmp_path / "reports")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    [rep] = (tmp_path / "reports" / "minilm-small").glob("*/report.json")
+    [rep] = (tmp_path / "reports" / "minilm-small").glob("2*/report.json")  # not latest/
+    assert (tmp_path / "reports" / "minilm-small" / "latest" / "model").is_dir()
     card = json.loads(rep.read_text())
     prune, distill, export, quant = card["stages"]
     assert prune["info"]["before"]["layers"] == 6 and prune["info"]["after"]["layers"] == 3
