@@ -148,6 +148,75 @@ def report(path: Annotated[Path, typer.Argument(help="A report folder or report.
         _show(render_markdown(rep))
 
 
+def _need_server(what: str) -> None:
+    if not os.environ.get("PREFECT_API_URL"):
+        raise _fail(CompressError(
+            f"{what} needs a Prefect server (the embedded one cannot schedule): run `prefect "
+            "server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api"))
+
+
+@app.command()
+def serve(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")],
+          cron: Annotated[str, typer.Option(help="When to run, cron syntax.")] = "0 2 * * *",
+          timezone: Annotated[str, typer.Option(help="Time zone of the cron.")] = "UTC",
+          reports_dir: ReportsDir = Path("reports")) -> None:
+    """Serve nightly deployments of these recipes from this machine (flow.serve)."""
+    _need_server("compress serve")
+    from flows.deploy import serve_recipes
+
+    try:
+        serve_recipes(recipes, cron, timezone, reports_dir)
+    except CompressError as e:
+        raise _fail(e) from None
+
+
+@app.command()
+def submit(recipe: RecipeArg,
+           watch: Annotated[bool, typer.Option(help="Wait for the run and report how it ended."
+                                               )] = False) -> None:
+    """Trigger a run of a served/deployed recipe now (run_deployment)."""
+    from compress.recipe import load_recipe
+
+    _need_server("compress submit")
+    from flows.deploy import submit as submit_run
+
+    try:
+        run = submit_run(load_recipe(recipe).name, watch)
+    except CompressError as e:
+        raise _fail(e) from None
+    state = run.state.name if run.state else "Scheduled"
+    out.print(f"flow run {run.name} ({run.id}): {state}", highlight=False)
+    if watch and run.state and not run.state.is_completed():
+        message = run.state.message or ""
+        err.print(f"[bold red]error:[/] {message}", highlight=False)
+        raise typer.Exit(3 if "gate failed" in message else 1)
+
+
+@app.command()
+def runs(reports_dir: ReportsDir = Path("reports"),
+         limit: Annotated[int, typer.Option(help="How many runs to list.")] = 10) -> None:
+    """Recent runs of every recipe, newest first, with their final cards' headline numbers."""
+    from compress.report import deltas, read_report
+
+    found = []
+    for f in Path(reports_dir).glob("*/*/report.json"):
+        if f.parent.name == "latest":
+            continue
+        try:
+            found.append(read_report(f))
+        except (OSError, ValueError):
+            continue
+    found.sort(key=lambda r: r.started_at, reverse=True)
+    print(f"{'started':30}{'recipe':22}{'status':9}{'final':>10}{'Δ':>8}{'smaller':>9}"
+          f"{'faster':>8}")
+    for r in found[:limit]:
+        final, d = r.final, (deltas(r, r.final) if r.final and r.reference else {})
+        value = f"{final.metrics.value:.2f}" if final else "-"
+        print(f"{r.started_at:30}{r.recipe[:21]:22}{r.status:9}{value:>10}"
+              f"{d.get('metric_change', 0):>+8.2f}{d.get('size_ratio', 1):>8.2f}x"
+              f"{d.get('speedup_b1', 1):>7.2f}x")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

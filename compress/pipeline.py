@@ -279,7 +279,7 @@ def new_run_id() -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,

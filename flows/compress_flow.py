@@ -110,3 +110,14 @@ def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
                               evaluate_reference=reference_task, on_card=publish,
                               keep_going=keep_going)
     return {"report": str(pipeline.report_folder(reports_dir, report)), "status": report.status}
+
+
+@flow(name="compress-nightly", flow_run_name=lambda: f"nightly-{datetime.now():%Y%m%d-%H%M}")
+def nightly(recipe_path: str, reports_dir: str = "reports",
+            keep_going: bool = False) -> dict[str, Any]:
+    """What deployments run: the recipe file is read when the run starts, so tonight's run uses
+    the recipe as it is tonight (and a broken edit fails the run with the reason)."""
+    from compress.recipe import load_recipe
+
+    return compress_recipe(recipe=load_recipe(recipe_path), reports_dir=reports_dir,
+                           keep_going=keep_going)

@@ -172,3 +172,7 @@ def test_latest_holds_the_last_passing_model_only(write_recipe, tmp_path):
     assert json.loads((latest / "report.json").read_text())["run_id"] == passed
     assert (latest / "model" / "model.onnx").is_file()
     assert not list((reports / "tiny").glob(".*latest-*"))
+    listed = invoke("runs", "--reports-dir", str(reports))
+    assert listed.exit_code == 0
+    assert [ln.split()[2] for ln in listed.output.splitlines()[1:]] == \
+        ["failed", "failed", "passed"]  # newest first
