@@ -102,12 +102,11 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
 
 def _read(path: Path):
     """A run's report from its folder or report.json, or a recipe folder's latest run."""
-    from compress.report import read_report
+    from compress.report import read_report, run_folders
 
     p = path
     if p.is_dir() and not (p / "report.json").is_file():
-        runs = sorted(d for d in p.iterdir() if (d / "report.json").is_file()
-                      and d.name != "latest")
+        runs = run_folders(p)
         if not runs:
             raise _fail(CompressError(f"{p}: no report here"))
         p = runs[-1]
@@ -196,14 +195,12 @@ def submit(recipe: RecipeArg,
 def runs(reports_dir: ReportsDir = Path("reports"),
          limit: Annotated[int, typer.Option(help="How many runs to list.")] = 10) -> None:
     """Recent runs of every recipe, newest first, with their final cards' headline numbers."""
-    from compress.report import deltas, read_report
+    from compress.report import deltas, read_report, run_folders
 
     found = []
-    for f in Path(reports_dir).glob("*/*/report.json"):
-        if f.parent.name == "latest":
-            continue
+    for d in (f for recipe in Path(reports_dir).glob("*/") for f in run_folders(recipe)):
         try:
-            found.append(read_report(f))
+            found.append(read_report(d))
         except (OSError, ValueError):
             continue
     found.sort(key=lambda r: r.started_at, reverse=True)

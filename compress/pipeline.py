@@ -37,7 +37,14 @@ from compress.errors import CompressError, GateFailed, RecipeError
 from compress.measure import cpu_info, default_threads, environment
 from compress.models import check_weights
 from compress.recipe import NOT_HASHED, STAGE_CONFIGS, ExportConfig, Recipe
-from compress.report import RunReport, StageCard, check_gates, write_report
+from compress.report import (
+    LATEST,
+    RunReport,
+    StageCard,
+    check_gates,
+    earlier_runs,
+    write_report,
+)
 
 INFO_FILE = "stage_info.json"
 OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
@@ -256,13 +263,14 @@ def recipe_lock(root: Path, recipe: str) -> Iterator[None]:
 def publish_latest(report: RunReport, reports_root: Path) -> Path | None:
     """Copy the final model and its card to reports/<recipe>/latest, only for a passed run.
 
-    The new copy is made beside the old one and swapped in by rename, so `latest` is always
-    a whole model: the previous good one until the new one is complete.
+    The new copy is made beside the old one and swapped in by two renames, so `latest` is
+    never half a model: the previous good one until the new one is complete (and, for the
+    instant between the renames, absent).
     """
     final = report.final
     if report.status != "passed" or final is None:
         return None
-    dest = Path(reports_root) / report.recipe / "latest"
+    dest = Path(reports_root) / report.recipe / LATEST
     tmp = dest.with_name(f".tmp-latest-{secrets.token_hex(4)}")
     shutil.copytree(final.model.dir, tmp / "model")
     atomic_write_text(tmp / "report.json", report.model_dump_json(indent=2))
@@ -305,11 +313,12 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
     threads = plan.recipe.evaluation.latency.threads or default_threads()
     report = RunReport(recipe=plan.recipe.name, run_id=run_id or new_run_id(), started_at=_now(),
                        environment=environment(threads))
-    folder = Path(reports_root) / plan.recipe.name / report.run_id
-    write_report(report, folder)
+    folder = report_folder(reports_root, report)
+    history = earlier_runs(folder)  # read once: it cannot change while this run goes on
+    write_report(report, folder, history)
 
     def record(card: StageCard) -> None:
-        write_report(report, folder)
+        write_report(report, folder, history)
         if on_card:
             on_card(report, card)
 
@@ -335,7 +344,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
     except BaseException as e:
         report.status, report.finished_at = "failed", _now()
         report.error = str(e) if isinstance(e, CompressError) else f"{type(e).__name__}: {e}"
-        write_report(report, folder)
+        write_report(report, folder, history)
         raise
     report.gates = check_gates(report, plan.recipe.gates)
     failed = [g for g in report.gates if not g.passed]
@@ -343,7 +352,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
     report.finished_at = _now()
     if failed:
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
-    write_report(report, folder)
+    write_report(report, folder, history)
     if failed and not keep_going:
         raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")
     if not failed:

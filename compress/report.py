@@ -7,6 +7,7 @@ reference timed in ONNX Runtime fp32, PyTorch stages against the reference in Py
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,22 +194,30 @@ def render_markdown(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+LATEST = "latest"  # reports/<recipe>/latest: the last good model, not a run
+
+
+def run_folders(recipe_dir: Path) -> list[Path]:
+    """A recipe's run folders (those with a report), oldest first; `latest` is not a run."""
+    return sorted(f.parent for f in Path(recipe_dir).glob("*/report.json")
+                  if f.parent.name != LATEST)
+
+
 def earlier_runs(folder: Path, limit: int = 30) -> list[RunReport]:
     """The recipe's earlier passed runs (siblings of this run's folder), oldest first."""
     out = []
-    for d in sorted(Path(folder).parent.glob("*/report.json"))[-limit - 2:]:
-        if d.parent == Path(folder) or d.parent.name == "latest":
-            continue
+    for d in [d for d in run_folders(Path(folder).parent) if d != Path(folder)][-limit:]:
         try:
             r = read_report(d)
         except (OSError, ValueError):
             continue  # a run being written right now, or not ours
         if r.status == "passed":
             out.append(r)
-    return out[-limit:]
+    return out
 
 
-def write_report(report: RunReport, folder: Path) -> Path:
+def write_report(report: RunReport, folder: Path,
+                 history: Sequence[RunReport] = ()) -> Path:
     """JSON (the record), Markdown and a self-contained HTML page; each replaced atomically."""
     from compress.html_report import write_html
 
@@ -216,7 +225,7 @@ def write_report(report: RunReport, folder: Path) -> Path:
     atomic_write_text(folder / "report.json", report.model_dump_json(indent=2))
     atomic_write_text(folder / "report.md", render_markdown(report))
     if report.reference is not None:
-        write_html(report, folder, earlier_runs(folder))
+        write_html(report, folder, history)
     return folder
 
 
