@@ -20,13 +20,13 @@ import torch
 
 from compress.assets import prepare
 from compress.data import load_task_data
-from compress.losses import distillation_loss, hard_label_loss, topk_kd_kl_loss
 from compress.measure import default_threads
 from compress.models import load_classifier, load_tokenizer
 from compress.pipeline import make_plan, run_stage
 from compress.recipe import DistillConfig, parse_recipe
 from compress.stages import StageContext
-from compress.stages.distill import build_teacher_cache
+from compress.stages.distill import build_teacher_cache, kd_loss
+from compress.stages.finetune import label_loss
 from compress.train import train
 
 
@@ -52,26 +52,18 @@ def main() -> None:
     tok = load_tokenizer(student_ref.path)
     teacher = load_classifier(plan.source.path, 2)
 
-    def plain(s, _t, y, _b):
-        return hard_label_loss(s.logits, y)
-
-    def live(s, t, y, _b):
-        return distillation_loss(s.logits, t[0].logits, y, alpha=0.5, temperature=2.0)
-
-    def cached(s, t, y, _b):
-        return 0.5 * topk_kd_kl_loss(s.logits, t[0], t[1], temperature=2.0) + \
-            0.5 * hard_label_loss(s.logits, y)
-
     t0 = time.perf_counter()
     ctx = StageContext(recipe=recipe, data=data, reference=plan.source)
     cache = build_teacher_cache(teacher, plan.source, tok, ctx, 2, args.batch_size)
     build_s = time.perf_counter() - t0
 
-    cfg = DistillConfig(max_steps=args.steps, batch_size=args.batch_size)
+    cfg = DistillConfig(max_steps=args.steps, batch_size=args.batch_size, alpha=0.5,
+                        temperature=2.0)
+    kd = kd_loss(cfg)  # exactly what the distill stage trains with
     rates = {}
-    for name, loss, kw in (("(a) fine-tune, no teacher", plain, {}),
-                           ("(b) KD, live teacher", live, {"teachers": [teacher]}),
-                           ("(c) KD, cached top-k", cached, {"teacher_cache": cache})):
+    for name, loss, kw in (("(a) fine-tune, no teacher", label_loss, {}),
+                           ("(b) KD, live teacher", kd, {"teachers": [teacher]}),
+                           ("(c) KD, cached top-k", kd, {"teacher_cache": cache})):
         student = load_classifier(student_ref.path, 2)
         _, stats = train(student, tok, data, cfg, loss, desc=name[:3], **kw)
         rates[name] = stats["samples_per_s"]

@@ -13,6 +13,7 @@ class, so the cached loss is the exact one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def build_teacher_cache(teacher: Any, teacher_ref: ModelRef, tokenizer: Any, ctx
     return TopKCache.open(folder)
 
 
-def _teachers(cfg: DistillConfig, ctx: StageContext, attn: str | None) -> tuple[list, list, list]:
+def _teachers(cfg: DistillConfig, ctx: StageContext, load_kwargs: dict[str, Any]
+              ) -> tuple[list, list, list]:
     """(models, refs, weights): the recipe's teachers, or the reference model alone."""
     specs = [(t.path, t.weight) for t in cfg.teachers] or [(ctx.reference.path, 1.0)]
     models, refs = [], []
@@ -57,10 +59,9 @@ def _teachers(cfg: DistillConfig, ctx: StageContext, attn: str | None) -> tuple[
             source_ref(path, ctx.reference.task)
         if ref.format != "hf":
             raise StageError(f"distill: teacher {path} must be a PyTorch model, not ONNX")
-        kwargs = {"attn_implementation": attn} if attn else {}
         models.append(load_classifier(path, ctx.data.num_labels,
                                       trust_remote_code=ctx.recipe.model.trust_remote_code,
-                                      **kwargs))
+                                      **load_kwargs))
         refs.append(ref)
     return models, refs, [w for _, w in specs]
 
@@ -78,7 +79,13 @@ def _layer_map(cfg: DistillConfig, student: Any, teacher: Any) -> list[tuple[int
     return [tuple(p) for p in pairs]
 
 
-def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
+def kd_loss(cfg: DistillConfig, *, weights: Sequence[float] = (1.0,),
+            pairs: Sequence[tuple[int, int]] = (),
+            proj: torch.nn.ModuleDict | None = None) -> Any:
+    """The stage's loss as `train` calls it: (student out, teacher signal, labels, batch).
+
+    The signal is the teachers' outputs (live) or (values, indices) from the top-k cache.
+    """
     from compress.losses import (
         attention_kl_loss,
         distillation_loss,
@@ -87,13 +94,41 @@ def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> di
         mix_teacher_logits,
         topk_kd_kl_loss,
     )
+
+    proj = proj if proj is not None else torch.nn.ModuleDict()
+
+    def loss(s: Any, t: Any, y: torch.Tensor, batch: dict) -> torch.Tensor:
+        if isinstance(t, tuple):  # cached top-k logits
+            soft = topk_kd_kl_loss(s.logits, t[0], t[1], temperature=cfg.temperature)
+            return soft if cfg.alpha == 1 else \
+                cfg.alpha * soft + (1 - cfg.alpha) * hard_label_loss(s.logits, y)
+        t_logits = t[0].logits if len(t) == 1 else mix_teacher_logits(
+            [o.logits for o in t], list(weights), cfg.temperature)
+        total = distillation_loss(s.logits, t_logits, y, alpha=cfg.alpha,
+                                  temperature=cfg.temperature)
+        mask = batch.get("attention_mask")
+        for si, ti in pairs:
+            if cfg.hidden:
+                h = s.hidden_states[si]
+                h = proj[str(si)](h) if len(proj) else h
+                total = total + cfg.hidden.weight * hidden_state_loss(
+                    h, t[0].hidden_states[ti], kind=cfg.hidden.kind, mask=mask)
+            if cfg.attention_weight and si >= 1 and ti >= 1:
+                total = total + cfg.attention_weight * attention_kl_loss(
+                    s.attentions[si - 1], t[0].attentions[ti - 1], mask=mask)
+        return total
+
+    return loss
+
+
+def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
     from compress.train import train
 
     trc = ctx.recipe.model.trust_remote_code
     attn = "eager" if cfg.attention_weight else None  # SDPA does not return attention maps
     kwargs = {"attn_implementation": attn} if attn else {}
     student = load_classifier(ref.path, ctx.data.num_labels, trust_remote_code=trc, **kwargs)
-    teachers, refs, weights = _teachers(cfg, ctx, attn)
+    teachers, refs, weights = _teachers(cfg, ctx, kwargs)
     for t, r in zip(teachers, refs, strict=True):
         if t.config.vocab_size != student.config.vocab_size:
             raise StageError(f"distill: teacher {r.path} has a vocabulary of "
@@ -122,26 +157,7 @@ def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> di
                                     min(cfg.top_k, ctx.data.num_labels), cfg.batch_size)
         teachers = []  # training never runs it
 
-    def loss(s: Any, t: Any, y: torch.Tensor, batch: dict) -> torch.Tensor:
-        if isinstance(t, tuple):  # cached top-k logits
-            soft = topk_kd_kl_loss(s.logits, t[0], t[1], temperature=cfg.temperature)
-            return soft if cfg.alpha == 1 else \
-                cfg.alpha * soft + (1 - cfg.alpha) * hard_label_loss(s.logits, y)
-        t_logits = t[0].logits if len(t) == 1 else mix_teacher_logits(
-            [o.logits for o in t], weights, cfg.temperature)
-        total = distillation_loss(s.logits, t_logits, y, alpha=cfg.alpha,
-                                  temperature=cfg.temperature)
-        mask = batch.get("attention_mask")
-        for si, ti in pairs:
-            if cfg.hidden:
-                h = s.hidden_states[si]
-                h = proj[str(si)](h) if len(proj) else h
-                total = total + cfg.hidden.weight * hidden_state_loss(
-                    h, t[0].hidden_states[ti], kind=cfg.hidden.kind, mask=mask)
-            if cfg.attention_weight and si >= 1 and ti >= 1:
-                total = total + cfg.attention_weight * attention_kl_loss(
-                    s.attentions[si - 1], t[0].attentions[ti - 1], mask=mask)
-        return total
+    loss = kd_loss(cfg, weights=weights, pairs=pairs, proj=proj)
 
     fwd = {"output_hidden_states": bool(cfg.hidden), "output_attentions": bool(
         cfg.attention_weight)}

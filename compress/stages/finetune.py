@@ -13,8 +13,14 @@ from compress.recipe import FinetuneConfig
 from compress.stages import StageContext
 
 
-def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
+def label_loss(s: Any, _teacher: Any, y: torch.Tensor, _batch: dict) -> torch.Tensor:
+    """Plain cross-entropy in `train`'s loss signature (no teacher)."""
     from compress.losses import hard_label_loss
+
+    return hard_label_loss(s.logits, y)
+
+
+def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
     from compress.train import train
 
     torch.manual_seed(cfg.seed)  # a fresh classification head is initialised from this seed
@@ -23,11 +29,7 @@ def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> d
                             trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     tok = load_tokenizer(ref.path, trust_remote_code=spec.trust_remote_code,
                          revision=spec.revision)
-
-    def loss(s: Any, _t: Any, y: torch.Tensor, _b: dict) -> torch.Tensor:
-        return hard_label_loss(s.logits, y)
-
-    model, stats = train(model, tok, ctx.data, cfg, loss, desc=cfg.name or "finetune",
+    model, stats = train(model, tok, ctx.data, cfg, label_loss, desc=cfg.name or "finetune",
                          progress=ctx.progress, checkpoint_dir=ctx.work_dir)
     if ctx.data.label_names:
         model.config.id2label = dict(enumerate(ctx.data.label_names))
