@@ -27,12 +27,16 @@ _SUFFIX_FORMAT = {
 
 @dataclass(frozen=True)
 class TaskData:
-    train: Any  # datasets.Dataset with columns text[, text_pair], label
+    train: Any  # datasets.Dataset with columns text[, text_pair], label (no label: causal LM)
     eval: Any
-    num_labels: int
+    num_labels: int  # 0 for a causal LM
     label_names: tuple[str, ...] | None
     fingerprint: str
     spec: DataSpec
+
+    @property
+    def causal_lm(self) -> bool:
+        return "label" not in self.train.column_names
 
 
 def _format_of(spec: DataSpec, p: Path) -> str:
@@ -106,16 +110,21 @@ def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
         return train, ev, canonical_hash("hub", spec.path)
 
 
-def _check_columns(ds: Any, spec: DataSpec) -> None:
+def _check_columns(ds: Any, spec: DataSpec, lm: bool = False) -> None:
     cols = list(ds.column_names)
-    for field in ("text_column", "label_column", "text_pair_column"):
+    for field in ("text_column",) if lm else ("text_column", "label_column", "text_pair_column"):
         name = getattr(spec, field)
         if name is not None and name not in cols:
             raise RecipeError(f"data.{field}: column {name!r} not in the data "
                               f"(columns: {', '.join(cols)})")
 
 
-def _normalise(ds: Any, spec: DataSpec) -> Any:
+def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> Any:
+    if lm:
+        ds = ds.select_columns([spec.text_column])
+        if spec.text_column != "text":
+            ds = ds.rename_column(spec.text_column, "text")
+        return ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
     keep = {spec.text_column: "text", spec.label_column: "label"}
     if spec.text_pair_column:
         keep[spec.text_pair_column] = "text_pair"
@@ -156,18 +165,35 @@ def _labels(train: Any, ev: Any, num_labels: int | None) -> tuple[Any, Any, int,
 
 
 @functools.lru_cache(maxsize=4)
-def load_task_data(spec: DataSpec, num_labels: int | None = None) -> TaskData:
-    """Load, check and split the recipe's data (memoised: every stage sees the same splits)."""
+def load_task_data(spec: DataSpec, num_labels: int | None = None,
+                   task: str = "sequence-classification") -> TaskData:
+    """Load, check and split the recipe's data (memoised: every stage sees the same splits).
+
+    For a causal LM the eval split is the tail of the text (contiguous, not shuffled in): a
+    random split of lines would put each eval line's neighbours in training.
+    """
+    lm = task == "causal-lm"
     train, ev, content = _load_raw(spec)
-    _check_columns(train, spec)
+    _check_columns(train, spec, lm)
     if ev is not None:
-        _check_columns(ev, spec)
-    train = _normalise(train, spec)
-    ev = _normalise(ev, spec) if ev is not None else None
+        _check_columns(ev, spec, lm)
+    train = _normalise(train, spec, lm)
+    ev = _normalise(ev, spec, lm) if ev is not None else None
     if len(train) == 0:
         raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows")
-    train, ev, n, names = _labels(train, ev, num_labels)
-    if ev is None:
+    if lm:
+        n, names = 0, None
+        if ev is None:
+            if len(train) < 4:
+                raise RecipeError(f"data: {len(train)} rows are too few to split off an eval "
+                                  "set")
+            cut = len(train) - max(1, round(len(train) * spec.eval_fraction))
+            train, ev = train.select(range(cut)), train.select(range(cut, len(train)))
+    else:
+        train, ev, n, names = _labels(train, ev, num_labels)
+    if lm:
+        pass  # text stays in order: blocks are cut from consecutive rows
+    elif ev is None:
         if len(train) < 4:
             raise RecipeError(f"data: {len(train)} rows are too few to split off an eval set")
         parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)
@@ -180,13 +206,18 @@ def load_task_data(spec: DataSpec, num_labels: int | None = None) -> TaskData:
         train = train.select(range(min(spec.max_train_samples, len(train))))
     if spec.max_eval_samples:
         ev = ev.select(range(min(spec.max_eval_samples, len(ev))))
-    fp = canonical_hash(content, spec.model_dump(exclude={"path"}), n)
+    fp = canonical_hash(content, spec.model_dump(exclude={"path"}), n, *(("lm",) if lm else ()))
     return TaskData(train=train, eval=ev, num_labels=n, label_names=names, fingerprint=fp,
                     spec=spec)
 
 
 def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
-    """Tokenize without padding (batches pad to their longest: much faster on short texts)."""
+    """Tokenize without padding (batches pad to their longest: much faster on short texts).
+
+    Rows without a label are language-model text: see `encode_lm`.
+    """
+    if "label" not in ds.column_names:
+        return encode_lm(ds, tokenizer, max_length)
     has_pair = "text_pair" in ds.column_names
 
     def tok(batch: dict[str, list]) -> dict[str, Any]:
@@ -197,6 +228,38 @@ def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
 
     with _quiet_datasets():
         return ds.map(tok, batched=True, remove_columns=ds.column_names)
+
+
+def encode_lm(ds: Any, tokenizer: Any, block: int) -> Any:
+    """Causal-LM text: tokenize, join rows (eos between documents, a newline between lines),
+    cut into full blocks of `block` tokens; labels are the inputs (the model shifts them).
+
+    A remainder shorter than a block is dropped, except that text shorter than one block makes
+    one short block, so a tiny eval split still yields something to score.
+    """
+    ids: list[int] = []
+    sep = tokenizer("\n", add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    for text in ds["text"]:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.extend(sep)
+    n = max(1, len(ids) // block)
+    blocks = [ids[i * block:(i + 1) * block] for i in range(n)]
+    import datasets
+
+    return datasets.Dataset.from_dict({
+        "input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks],
+        "labels": [list(b) for b in blocks]})
+
+
+def calibration_batches(data: TaskData, tokenizer: Any, n: int, batch_size: int = 8
+                        ) -> list[dict[str, Any]]:
+    """Up to `n` training examples (blocks, for an LM) as model-ready tensor batches, labels
+    included (Taylor importance needs a loss). The same rows every call."""
+    rows = data.train.select(range(min(len(data.train), n if not data.causal_lm else
+                                       len(data.train))))
+    enc = encode(rows, tokenizer, data.spec.max_length)
+    enc = enc.select(range(min(n, len(enc))))
+    return list(loader(enc, tokenizer, batch_size))
 
 
 def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = False,

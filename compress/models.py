@@ -33,14 +33,23 @@ def _explain(path: str, e: Exception) -> RecipeError:
     return RecipeError(f"model.path: cannot load a model from {path}: {first}")
 
 
+def load_model(path: str, task: str, num_labels: int | None = None, **kwargs: Any) -> Any:
+    """The model class a task needs: a classifier, or a causal LM (num_labels ignored)."""
+    if task == "causal-lm":
+        return load_classifier(path, None, auto_class="AutoModelForCausalLM", **kwargs)
+    return load_classifier(path, num_labels, **kwargs)
+
+
 def load_classifier(path: str, num_labels: int | None = None, *,
                     trust_remote_code: bool = False, revision: str | None = None,
+                    auto_class: str = "AutoModelForSequenceClassification",
                     **extra: Any) -> Any:
     """A sequence-classification model; adds a fresh head when the checkpoint has none."""
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
+    auto = getattr(transformers, auto_class)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
-    if num_labels is not None:
+    if num_labels:
         kwargs["num_labels"] = num_labels
     if revision:
         kwargs["revision"] = revision
@@ -48,7 +57,7 @@ def load_classifier(path: str, num_labels: int | None = None, *,
 
     try:
         with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _explain(path, e) from None
     return model.float().eval()

@@ -48,7 +48,7 @@ from compress.report import (
 
 INFO_FILE = "stage_info.json"
 OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
-                 "quantize": "onnx"}
+                 "quantize": "onnx", "bnb": "hf"}
 USES_DATA = {"finetune", "prune", "distill"}
 
 
@@ -130,11 +130,11 @@ def make_plan(recipe: Recipe) -> Plan:
     if p.is_dir():
         check_weights(p)
     num_labels = recipe.model.num_labels
-    if num_labels is None and p.is_dir():
+    if num_labels is None and p.is_dir() and recipe.model.task != "causal-lm":
         cfg = json.loads((p / "config.json").read_text())
         if "id2label" in cfg and len(cfg["id2label"]) >= 2:
             num_labels = len(cfg["id2label"])
-    data = load_task_data(recipe.data, num_labels)
+    data = load_task_data(recipe.data, num_labels, recipe.model.task)
     root = Path(recipe.output_root)
     stages, parent, ref_index = [], source.hash, None
     for i, st in enumerate(recipe.stages):
@@ -160,7 +160,8 @@ def make_plan(recipe: Recipe) -> Plan:
 
 
 def _data(plan: Plan) -> TaskData:
-    return load_task_data(plan.recipe.data, plan.recipe.model.num_labels or plan.num_labels)
+    return load_task_data(plan.recipe.data, plan.recipe.model.num_labels or plan.num_labels,
+                          plan.recipe.model.task)
 
 
 def reference_ref(plan: Plan) -> ModelRef:

@@ -36,6 +36,9 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
+    """Classification: a text (and label) column. Causal LM: the text column only; the text is
+    tokenized, concatenated and cut into blocks of `max_length` tokens."""
+
     path: str = Field(description="Local CSV/TSV/JSON(L)/Parquet/text file, or a hub dataset id.")
     format: Literal["auto", "csv", "json", "parquet", "text"] = "auto"
     delimiter: str | None = Field(None, description="CSV delimiter; default ',' ('\\t' for .tsv).")
@@ -85,6 +88,15 @@ class _Stage(Strict):
     name: str | None = Field(None, description="A label for reports; default: the kind.")
 
 
+class EarlyStopping(Strict):
+    """Stop when the eval metric has not improved for `patience` evaluations; keep the best."""
+
+    eval_every: int = Field(50, ge=1, description="Optimizer steps between evaluations.")
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0, description="Smaller improvements do not count.")
+    max_samples: int = Field(256, ge=1, description="Eval examples per check (a fixed subset).")
+
+
 class _Training(_Stage):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set.")
@@ -94,6 +106,9 @@ class _Training(_Stage):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     seed: int = 0
     bf16: Literal["auto", "on", "off"] = Field("auto", description="auto: bf16 autocast on GPU.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    compile: bool = Field(False, description="torch.compile the student (worth it on GPU).")
+    early_stopping: EarlyStopping | None = None
     checkpoint_every: int | None = Field(
         None, ge=1, description="Save a resumable checkpoint every N steps (not part of the id)."
     )
@@ -106,13 +121,21 @@ class FinetuneConfig(_Training):
 
 
 class PruneConfig(_Stage):
-    """Structured pruning: attention heads and FFN channels by importance, whole layers by index."""
+    """Structured pruning: attention heads and FFN channels by importance, whole layers by index
+    or by importance. Pruning is uniform (every layer keeps the same sizes) so the pruned model's
+    config describes it and `from_pretrained` reloads it; global (per-layer) sizes are refused."""
 
     kind: Literal["prune"] = "prune"
-    heads: float = Field(0.0, ge=0, lt=1, description="Fraction of heads removed in every layer.")
+    heads: float = Field(0.0, ge=0, lt=1, description="Fraction of attention heads removed in "
+                         "every layer; with GQA, whole key/value groups with their query heads.")
     ffn: float = Field(0.0, ge=0, lt=1, description="Fraction of FFN channels removed per layer.")
     drop_layers: list[int] = Field(default_factory=list, description="Layer indices to remove.")
-    importance: Literal["l1", "l2", "taylor", "random"] = "l2"
+    depth: int = Field(0, ge=0, description="Layers to remove, chosen by layer_importance on "
+                       "calibration data (instead of, or after, drop_layers).")
+    layer_importance: Literal["angular", "block_influence"] = Field(
+        "angular", description="angular: angular distance between a layer's input and output "
+        "hidden states (Gromov et al.); block_influence: 1 - cosine (ShortGPT).")
+    importance: Literal["l1", "l2", "taylor", "activation", "random"] = "l2"
     round_to: int = Field(8, ge=1, description="Kept FFN channels rounded to a multiple of this.")
     calibration_samples: int = Field(64, ge=1, description="Examples for the taylor importance.")
     seed: int = 0
@@ -128,8 +151,8 @@ class PruneConfig(_Stage):
 
     @model_validator(mode="after")
     def _does_something(self) -> PruneConfig:
-        if not (self.heads or self.ffn or self.drop_layers):
-            raise ValueError("prunes nothing: set heads, ffn or drop_layers")
+        if not (self.heads or self.ffn or self.drop_layers or self.depth):
+            raise ValueError("prunes nothing: set heads, ffn, drop_layers or depth")
         return self
 
 
@@ -149,12 +172,32 @@ class TeacherSpec(Strict):
     weight: float = Field(1.0, gt=0)
 
 
+class Augment(Strict):
+    """Teacher-generated data (causal LMs): the teacher continues prompts taken from the training
+    text; the continuations become extra training text."""
+
+    prompts: int = Field(32, ge=1, description="Prompts drawn from the training blocks.")
+    prompt_tokens: int = Field(32, ge=4)
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy.")
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 0
+
+
 class DistillConfig(_Training):
     """Knowledge distillation from the reference model (the teacher) into the input (student)."""
 
     kind: Literal["distill"] = "distill"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) term; 1 = pure KD.")
+    divergence: Literal["kl", "reverse_kl", "jsd"] = Field(
+        "kl", description="Soft-target divergence: forward KL (Hinton), reverse KL, or GKD's "
+        "generalized JSD (beta).")
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "int8"] = Field(
+        "float32", description="The teacher's weights: half precision or bitsandbytes 8-bit "
+        "(GPU) to save memory; the student trains in float32 (bf16 autocast on GPU).")
+    augment: Augment | None = None
     learning_rate: float = Field(1e-4, gt=0)
     teacher_cache: bool = Field(
         False, description="Run the teacher once and train from its cached top-k logits."
@@ -173,6 +216,9 @@ class DistillConfig(_Training):
                                    len(self.teachers) > 1):
             raise ValueError("teacher_cache keeps logits of one teacher only; hidden/attention "
                              "matching and several teachers need the live teachers")
+        if self.teacher_cache and self.divergence != "kl":
+            raise ValueError("teacher_cache: the top-k cache supports divergence 'kl' only "
+                             "(reverse KL and JSD need the teacher's full distribution)")
         return self
 
 
@@ -186,16 +232,46 @@ class ExportConfig(_Stage):
 
 
 class QuantizeConfig(_Stage):
-    """ONNX Runtime INT8 quantization of an exported model."""
+    """ONNX Runtime quantization of an exported model: INT8 dynamic, INT8 static (QDQ, calibrated
+    on the recipe's data), or weight-only INT4 (MatMulNBits) for causal LMs."""
 
     kind: Literal["quantize"] = "quantize"
-    method: Literal["dynamic"] = "dynamic"
+    method: Literal["dynamic", "static", "int4"] = "dynamic"
     target: Literal["avx2", "avx512", "avx512_vnni", "arm64"] = "avx512_vnni"
     per_channel: bool = False
+    calibration: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="Static only: how activation ranges are found.")
+    percentile: float = Field(99.999, gt=90, lt=100, description="For calibration: percentile.")
+    calibration_samples: int = Field(128, ge=1, description="Static only: training examples.")
+    exclude: list[str] = Field(
+        default_factory=list, description="Node names (fnmatch patterns, e.g. '*lm_head*') left "
+        "in float; for causal LMs lm_head and embeddings are excluded by default.")
+    optimization_level: Literal["disabled", "basic", "extended", "all"] = Field(
+        "basic", description="ONNX Runtime graph optimizations applied when the model runs.")
+    block_size: int = Field(32, ge=16, description="INT4: weights per scale (a power of 2).")
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"{v} is not a power of 2 (16, 32, 64, 128 work)")
+        return v
+
+
+class BnbConfig(_Stage):
+    """bitsandbytes 8-bit or 4-bit weights for PyTorch GPU targets (saved with save_pretrained)."""
+
+    kind: Literal["bnb"] = "bnb"
+    bits: Literal[8, 4] = 8
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit only.")
+    double_quant: bool = Field(True, description="4-bit only: quantize the scales too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    skip_modules: list[str] = Field(default_factory=list, description="Modules kept in float "
+                                    "(the classifier head / lm_head always are).")
 
 
 StageConfig = Annotated[
-    FinetuneConfig | PruneConfig | DistillConfig | ExportConfig | QuantizeConfig,
+    FinetuneConfig | PruneConfig | DistillConfig | ExportConfig | QuantizeConfig | BnbConfig,
     Field(discriminator="kind"),
 ]
 STAGE_CONFIGS: dict[str, type[_Stage]] = {
@@ -204,10 +280,19 @@ STAGE_CONFIGS: dict[str, type[_Stage]] = {
     "distill": DistillConfig,
     "export": ExportConfig,
     "quantize": QuantizeConfig,
+    "bnb": BnbConfig,
 }
-TORCH_STAGES = {"finetune", "prune", "distill"}
+TORCH_STAGES = {"finetune", "prune", "distill", "bnb"}
 NOT_HASHED = {"name", "checkpoint_every"}  # change how a stage runs, not what it makes
 ONNX_STAGES = {"quantize"}
+
+
+class DiagnoseSpec(Strict):
+    """When a gate fails, find which layers cost the most (see `compress diagnose`)."""
+
+    on_gate_failure: bool = True
+    max_samples: int = Field(128, ge=1, description="Eval examples per sensitivity probe.")
+    top: int = Field(5, ge=1, description="Layers listed.")
 
 
 class Recipe(Strict):
@@ -216,6 +301,7 @@ class Recipe(Strict):
     data: DataSpec
     evaluation: EvaluationSpec = EvaluationSpec()
     gates: Gates = Gates()
+    diagnose: DiagnoseSpec = DiagnoseSpec()
     stages: list[StageConfig] = Field(min_length=1)
     output_root: str = Field("outputs", description="Where stage outputs live, named by hash.")
 
@@ -237,6 +323,9 @@ class Recipe(Strict):
                 )
             if st.kind != "finetune":
                 compressing = True
+            if st.kind == "bnb" and i != len(self.stages) - 1:
+                raise ValueError(f"{where}: bitsandbytes weights are a final, GPU-only format; "
+                                 "bnb must be the last stage")
             if st.kind in TORCH_STAGES and exported_at is not None:
                 raise ValueError(
                     f"{where}: works on PyTorch models but comes after export "
@@ -256,9 +345,18 @@ class Recipe(Strict):
             raise ValueError("evaluation.metric: accuracy needs task sequence-classification")
         if self.model.task == "sequence-classification" and self.metric == "perplexity":
             raise ValueError("evaluation.metric: perplexity needs task causal-lm")
-        if self.model.task == "causal-lm":
-            raise ValueError("model.task: causal-lm is not supported yet; use "
-                             "sequence-classification")
+        for i, st in enumerate(self.stages):
+            if self.model.task == "causal-lm" and isinstance(st, DistillConfig) and (
+                    st.attention_weight):
+                raise ValueError(f"stages[{i}] (distill).attention_weight: attention-map "
+                                 "matching is for encoders; use hidden for causal LMs")
+            if isinstance(st, DistillConfig) and st.augment and self.model.task != "causal-lm":
+                raise ValueError(f"stages[{i}] (distill).augment: teacher-generated text needs "
+                                 "model.task causal-lm")
+            if isinstance(st, QuantizeConfig) and st.method == "int4" and (
+                    self.model.task != "causal-lm"):
+                raise ValueError(f"stages[{i}] (quantize).method: int4 (MatMulNBits) is for "
+                                 "causal LMs; use dynamic or static INT8 for classifiers")
         return self
 
 

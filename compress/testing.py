@@ -56,3 +56,55 @@ def make_tiny_bert(path: Path, *, layers: int = 4, heads: int = 4, hidden: int =
     tok.save_pretrained(path)
     (path / "vocab.txt").unlink(missing_ok=True) if (path / "tokenizer.json").exists() else None
     return path
+
+
+WORDS = tuple(sorted(set(POSITIVE + NEGATIVE + FILLER)))
+
+
+def make_text_file(path: Path, lines: int = 400, seed: int = 0) -> Path:
+    """Plain text for causal-LM tests: short sentences with a learnable word order."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for _ in range(lines):
+        good = rng.random() < 0.5
+        adj = rng.sample(POSITIVE if good else NEGATIVE, 2)
+        out.append(f"the {rng.choice(['movie', 'film', 'story', 'plot'])} was {adj[0]} "
+                   f"and {adj[1]} .")
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def _word_tokenizer(path: Path) -> object:
+    """A word-level fast tokenizer over our vocabulary, with eos/pad/unk (for tiny LMs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", ".", *WORDS])}
+    t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny_llama(path: Path, *, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                    hidden: int = 64, ffn: int = 128, model_type: str = "llama",
+                    seed: int = 0) -> Path:
+    """A Llama-family causal LM (llama, qwen2, mistral) with random weights; GQA when
+    kv_heads < heads. Tied embeddings like SmolLM2."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = _word_tokenizer(path)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
+        max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
