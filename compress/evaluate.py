@@ -6,8 +6,13 @@ batch sizes are the same for every stage, so the numbers on one report card comp
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
+import logging
 import time
+import warnings
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
@@ -20,13 +25,14 @@ from compress.measure import Latency, PeakMemory, default_threads, latency_stats
 from compress.models import count_parameters, load_model, load_tokenizer
 from compress.recipe import EvaluationSpec
 
-SESSION_FILE = "ort_session.json"  # written by quantize: how ONNX Runtime should run the model
+SESSION_FILE = "ort_session.json"  # {"graph_optimization_level": "basic"}: how to run the model
 _OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def session_options(model_dir: Any, threads: int) -> Any:
-    """ORT session options for a model folder: our thread count, its recorded graph level."""
+def session_options(threads: int, folder: Any = None) -> Any:
+    """ORT session options with our thread policy, and the graph optimization level recorded in
+    the folder's ort_session.json (quantize writes it), so every runner applies the same one."""
     import json
     from pathlib import Path
 
@@ -36,13 +42,37 @@ def session_options(model_dir: Any, threads: int) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    f = Path(model_dir) / SESSION_FILE
-    if f.is_file():
-        level = json.loads(f.read_text()).get("graph_optimization_level")
-        if level in _OPT_LEVELS:
-            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                                    _OPT_LEVELS[level])
+    f = Path(folder) / SESSION_FILE if folder is not None else None
+    if f is not None and f.is_file():
+        level = json.loads(f.read_text()).get("graph_optimization_level", "all")
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
     return opts
+
+
+def ort_causal_lm(folder: Any, file_name: str, threads: int) -> Any:
+    """optimum's ORTModelForCausalLM over an exported (or quantized) folder: it feeds the empty
+    first-step cache, position ids and the cache between steps, so `generate` works as in torch."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    with quiet():
+        return ORTModelForCausalLM.from_pretrained(
+            str(folder), file_name=file_name, use_cache=True, local_files_only=True,
+            provider="CPUExecutionProvider", session_options=session_options(threads, folder),
+            use_io_binding=False)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """optimum and the exporter print and warn a lot that the report card explains instead."""
+    log = logging.getLogger("optimum")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 class Metrics(BaseModel):
@@ -83,7 +113,11 @@ class TorchPredictor(Predictor):
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = model.to(self.device).eval()
+        if getattr(model, "is_quantized", False):  # bitsandbytes places its own weights
+            self.device = str(next(model.parameters()).device)
+            self.model = model.eval()
+        else:
+            self.model = model.to(self.device).eval()
         import inspect
 
         self._accepts = set(inspect.signature(self.model.forward).parameters)
@@ -111,7 +145,7 @@ class OrtPredictor(Predictor):
         import onnxruntime as ort
 
         self.path = path
-        self.session = ort.InferenceSession(path, session_options(Path(path).parent, threads),
+        self.session = ort.InferenceSession(path, session_options(threads, Path(path).parent),
                                             providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self.session.get_inputs()}
 
@@ -139,13 +173,8 @@ class OrtCausalLMPredictor(Predictor):
     runtime = "onnxruntime"
 
     def __init__(self, ref: ModelRef, threads: int) -> None:
-        from optimum.onnxruntime import ORTModelForCausalLM
-
         self.path = str(ref.onnx_path)
-        with _quiet():
-            self.model = ORTModelForCausalLM.from_pretrained(
-                ref.dir, file_name=ref.onnx_file, provider="CPUExecutionProvider",
-                session_options=session_options(ref.dir, threads))
+        self.model = ort_causal_lm(ref.dir, ref.onnx_file or "model.onnx", threads)
 
     def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         import torch
@@ -158,13 +187,6 @@ class OrtCausalLMPredictor(Predictor):
     @cached_property
     def parameters(self) -> int:
         return onnx_parameters(self.path)
-
-
-def _quiet() -> Any:
-    import contextlib
-    import io
-
-    return contextlib.redirect_stdout(io.StringIO())
 
 
 def predictor(ref: ModelRef, num_labels: int, threads: int, *,

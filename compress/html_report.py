@@ -180,7 +180,7 @@ def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
         f"</h1><p>started {_e(report.started_at)}"
         + (f" · finished {_e(report.finished_at)}" if report.finished_at else "") + "</p>",
         f'<p class="err">Error: {_e(report.error)}</p>' if report.error else "",
-        "<h2>Gates</h2>", gates, "<h2>Stages</h2><table><tr>"
+        "<h2>Gates</h2>", gates, _diagnosis(report), "<h2>Stages</h2><table><tr>"
         + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
         + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
         + "</table><p>Deltas and ratios are against the reference (first row); ♻ = reused.</p>",
@@ -192,6 +192,14 @@ def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
         "<h2>Environment</h2>", _environment(report.environment), "</body></html>\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _diagnosis(report: RunReport) -> str:
+    if not report.diagnosis:
+        return ""
+    from compress.diagnose import html_section
+
+    return html_section(report.diagnosis)
 
 
 def _cell(x: str) -> str:

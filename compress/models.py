@@ -60,7 +60,7 @@ def load_classifier(path: str, num_labels: int | None = None, *,
             model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _explain(path, e) from None
-    if "quantization_config" in kwargs or "dtype" in kwargs:
+    if "dtype" in kwargs or getattr(model, "is_quantized", False):
         return model.eval()  # asked for this precision (bitsandbytes weights cannot be cast)
     return model.float().eval()
 
@@ -94,6 +94,9 @@ def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
 
 
 def count_parameters(model: Any) -> int:
+    """Real parameter count; transformers' own counter unpacks bitsandbytes 4-bit storage."""
+    if getattr(model, "is_quantized", False) and hasattr(model, "num_parameters"):
+        return int(model.num_parameters())
     return sum(p.numel() for p in model.parameters())
 
 

@@ -49,7 +49,12 @@ from compress.report import (
 INFO_FILE = "stage_info.json"
 OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
                  "quantize": "onnx", "bnb": "hf"}
-USES_DATA = {"finetune", "prune", "distill"}
+USES_DATA = {"finetune", "prune", "distill"}  # prune: taylor/activation importance reads data
+
+
+def uses_data(kind: str, config: dict[str, Any]) -> bool:
+    """Whether the data's fingerprint is part of a stage's id (static INT8 calibrates on it)."""
+    return kind in USES_DATA or (kind == "quantize" and config.get("method") == "static")
 
 
 class PlannedStage(BaseModel):
@@ -89,7 +94,7 @@ class Plan(BaseModel):
 def _plan_stage(index: int, name: str, kind: str, config: dict, parent: str, root: Path,
                 data_fp: str | None) -> PlannedStage:
     hashed = {k: v for k, v in config.items() if k not in NOT_HASHED}
-    h = stage_hash(parent, kind, hashed, data_fp if kind in USES_DATA else None)
+    h = stage_hash(parent, kind, hashed, data_fp if uses_data(kind, config) else None)
     return PlannedStage(index=index, name=name, kind=kind, config=config, hash=h, parent=parent,
                         output_dir=str(root / f"{kind}-{h[:12]}"))
 
@@ -216,7 +221,7 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
                            work_dir=work)
         t0 = time.perf_counter()
         with staging_dir(out) as tmp:
-            info = registry()[ps.kind].apply(input_ref, cfg, ctx, tmp)
+            info = registry()[ps.kind](input_ref, cfg, ctx, tmp)
             info["seconds"] = round(time.perf_counter() - t0, 2)
             onnx_file = info.pop("onnx_file", None)
             atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
@@ -353,6 +358,10 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
     report.finished_at = _now()
     if failed:
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
+        if plan.recipe.diagnose.on_gate_failure:  # which layers cost the most; never raises
+            from compress.diagnose import on_gate_failure
+
+            report.diagnosis = on_gate_failure(plan, report)
     write_report(report, folder, history)
     if failed and not keep_going:
         raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")

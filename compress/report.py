@@ -52,6 +52,7 @@ class RunReport(BaseModel):
     stages: list[StageCard] = []
     gates: list[GateResult] = []
     error: str | None = None
+    diagnosis: dict[str, Any] | None = None  # compress.diagnose.Diagnosis, on a failed gate
 
     @property
     def final(self) -> StageCard | None:
@@ -161,6 +162,10 @@ def render_markdown(report: RunReport) -> str:
         lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"
                   for g in report.gates]
         lines.append("")
+    if report.diagnosis:
+        from compress.diagnose import markdown_lines
+
+        lines += markdown_lines(report.diagnosis)
     notes = []
     for c in report.stages:
         parity = c.info.get("parity")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from compress.artifact import ModelRef
 from compress.data import TaskData
@@ -31,21 +31,11 @@ class StageContext:
 Apply = Callable[[ModelRef, Any, StageContext, Path], dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class StageDef:
-    apply: Apply
-    output_format: Literal["hf", "onnx"]
-    uses_data: bool  # if so, the data fingerprint is part of the output's hash
+def registry() -> dict[str, Apply]:
+    """Imported lazily: stage modules pull in torch, optimum and onnxruntime. What each stage
+    outputs and whether it reads the data (for its id) lives in compress.pipeline, which plans
+    without importing them."""
+    from compress.stages import bnb, distill, export, finetune, prune, quantize
 
-
-def registry() -> dict[str, StageDef]:
-    """Imported lazily: stage modules pull in torch, optimum and onnxruntime."""
-    from compress.stages import distill, export, finetune, prune, quantize
-
-    return {
-        "finetune": StageDef(finetune.apply, "hf", uses_data=True),
-        "prune": StageDef(prune.apply, "hf", uses_data=True),  # taylor importance reads data
-        "distill": StageDef(distill.apply, "hf", uses_data=True),
-        "export": StageDef(export.apply, "onnx", uses_data=False),
-        "quantize": StageDef(quantize.apply, "onnx", uses_data=False),
-    }
+    return {"finetune": finetune.apply, "prune": prune.apply, "distill": distill.apply,
+            "export": export.apply, "quantize": quantize.apply, "bnb": bnb.apply}

@@ -1,15 +1,16 @@
 """export: ONNX through optimum's exporter, then a parity check on real eval inputs.
 
 No ONNX file leaves this stage unchecked: the max abs difference of the logits against PyTorch
-goes on the report card, and above the tolerance the stage fails (and keeps nothing).
+goes on the report card, and above the tolerance the stage fails (and keeps nothing). A causal LM
+is exported with its KV cache (optimum's `text-generation-with-past`: one `model.onnx` whose
+`past_key_values.*` inputs may be empty on the first step; `model.onnx_data` beside it when the
+weights pass 2 GB) and must also reproduce PyTorch's greedy generations token for token: matching
+logits on a prefill says nothing about the cache path that generation runs on.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +18,68 @@ import numpy as np
 
 from compress.artifact import ONNX_FILE, ModelRef
 from compress.errors import StageError
+from compress.evaluate import SESSION_FILE, ort_causal_lm, quiet, session_options  # noqa: F401
 from compress.recipe import ExportConfig
 from compress.stages import StageContext
 
-TASKS = {"sequence-classification": "text-classification"}
+TASKS = {"sequence-classification": "text-classification",
+         "causal-lm": "text-generation-with-past"}
+GEN_PROMPTS, GEN_PROMPT_TOKENS, GEN_NEW_TOKENS = 3, 8, 8
+# Files the tokenizer and generation need next to the ONNX model (optimum normally copies them).
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
+              "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+def greedy(model: Any, prompts: list[list[int]], pad_id: int | None,
+           new_tokens: int = GEN_NEW_TOKENS) -> list[list[int]]:
+    """Greedy continuations (new tokens only), one prompt at a time so no padding is involved;
+    EOS is held off until `new_tokens` (min_new_tokens) so every cache step gets compared."""
+    import torch
+
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], dtype=torch.long)
+        with torch.inference_mode(), quiet():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad_id)
+        out.append([int(t) for t in gen[0, len(p):]])
+    return out
+
+
+def _export(ref: ModelRef, task: str, cfg: ExportConfig, out: Path, trc: bool) -> None:
+    from optimum.exporters.onnx import main_export
+
+    try:
+        with quiet():
+            main_export(ref.path, output=out, task=task, opset=cfg.opset, do_validation=False,
+                        trust_remote_code=trc, library_name="transformers")
+    except Exception as e:  # optimum raises many kinds; the card needs the reason in one line
+        raise StageError(f"export: optimum could not export {ref.path}: "
+                         f"{str(e).strip().splitlines()[0][:300]}") from None
+    if not (out / ONNX_FILE).is_file():
+        raise StageError(f"export: optimum wrote no {ONNX_FILE}")
 
 
 def apply(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
-    from optimum.exporters.onnx import main_export
+    if ref.format != "hf":
+        raise StageError("export: the input is already ONNX")
+    if ref.task not in TASKS:
+        raise StageError(f"export: no ONNX export for task {ref.task!r}")
+    trc = ctx.recipe.model.trust_remote_code
+    _export(ref, TASKS[ref.task], cfg, out, trc)
+    if ref.task == "causal-lm":
+        return _check_causal_lm(ref, cfg, ctx, out, trc)
+    return _check_classifier(ref, cfg, ctx, out, trc)
 
+
+def _check_classifier(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path,
+                      trc: bool) -> dict[str, Any]:
     from compress.data import encode, loader
     from compress.evaluate import OrtPredictor, TorchPredictor
     from compress.measure import default_threads
     from compress.models import load_classifier, load_tokenizer
-
-    if ref.format != "hf":
-        raise StageError("export: the input is already ONNX")
-    trc = ctx.recipe.model.trust_remote_code
-    log = logging.getLogger("optimum")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            main_export(ref.path, output=out, task=TASKS[ref.task], opset=cfg.opset,
-                        do_validation=False, trust_remote_code=trc, library_name="transformers")
-    except Exception as e:  # optimum raises many kinds; the card needs the reason in one line
-        raise StageError(f"export: optimum could not export {ref.path}: "
-                         f"{str(e).strip().splitlines()[0][:300]}") from None
-    finally:
-        log.setLevel(level)
-    if not (out / ONNX_FILE).is_file():
-        raise StageError(f"export: optimum wrote no {ONNX_FILE}")
 
     threads = default_threads()
     tok = load_tokenizer(ref.path, trust_remote_code=trc)
@@ -68,3 +99,67 @@ def apply(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path) -> dic
                          f"(atol {cfg.atol:g}) on {n} eval examples")
     return {"onnx_file": ONNX_FILE, "parity": {"max_abs_diff": diff, "atol": cfg.atol,
                                                "samples": n, "argmax_agreement": agree / n}}
+
+
+def _ensure_side_files(src: Path, out: Path, tok: Any) -> None:
+    """Tokenizer, config and generation config next to the ONNX file (generate needs them)."""
+    for name in SIDE_FILES:
+        if (src / name).is_file() and not (out / name).exists():
+            shutil.copy2(src / name, out / name)
+    if not (out / "tokenizer_config.json").is_file():
+        tok.save_pretrained(out)
+
+
+def _check_causal_lm(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path,
+                     trc: bool) -> dict[str, Any]:
+    import torch
+
+    from compress.data import encode, loader
+    from compress.measure import default_threads
+    from compress.models import load_model, load_tokenizer
+
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(ref.path, trust_remote_code=trc)
+    if ref.dir.is_dir():
+        _ensure_side_files(ref.dir, out, tok)
+    elif not (out / "tokenizer_config.json").is_file():
+        tok.save_pretrained(out)
+    pt = load_model(ref.path, "causal-lm", trust_remote_code=trc)
+    onnx_lm = ort_causal_lm(out, ONNX_FILE, threads)
+
+    enc = encode(ctx.data.eval, tok, ctx.data.spec.max_length)
+    n = min(cfg.parity_samples, len(enc))
+    enc = enc.select(range(n))
+    diff, agree, tokens = 0.0, 0, 0
+    for batch in loader(enc, tok, 8):
+        feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.inference_mode():
+            a = pt(**feed).logits.float().numpy()
+            b = onnx_lm(**feed, use_cache=False).logits
+        b = b.float().numpy() if hasattr(b, "numpy") else np.asarray(b)
+        real = feed["attention_mask"].numpy().astype(bool)
+        diff = max(diff, float(np.abs(a - b)[real].max()))
+        agree += int((a.argmax(-1) == b.argmax(-1))[real].sum())
+        tokens += int(real.sum())
+    if not diff <= cfg.atol:
+        raise StageError(f"export: ONNX output differs from PyTorch by {diff:.3g} "
+                         f"(atol {cfg.atol:g}) on {n} eval blocks")
+
+    k = min(GEN_PROMPT_TOKENS, max(1, len(enc[0]["input_ids"]) // 2))
+    prompts = [list(enc[i]["input_ids"][:k]) for i in range(min(GEN_PROMPTS, n))]
+    want = greedy(pt, prompts, tok.pad_token_id)
+    got = greedy(onnx_lm, prompts, tok.pad_token_id)
+    for i, (a_ids, b_ids) in enumerate(zip(want, got, strict=True)):
+        if a_ids != b_ids:
+            raise StageError(
+                f"export: greedy generation differs from PyTorch on prompt {i + 1} of "
+                f"{len(prompts)}: PyTorch {a_ids} vs ONNX {b_ids} (logits max abs diff "
+                f"{diff:.3g}); the exported KV-cache path does not match the model")
+    return {"onnx_file": ONNX_FILE,
+            "parity": {"max_abs_diff": diff, "atol": cfg.atol, "samples": n,
+                       "argmax_agreement": agree / max(tokens, 1),
+                       "generation": {"prompts": prompts, "max_new_tokens": GEN_NEW_TOKENS,
+                                      "torch": want, "onnx": got, "match": True}},
+            "use_cache": True,
+            "onnx_files": sorted(p.name for p in out.iterdir() if ".onnx" in p.name)}

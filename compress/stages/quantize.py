@@ -1,49 +1,334 @@
-"""quantize: ONNX Runtime dynamic INT8 through optimum's ORTQuantizer and a target preset.
+"""quantize: ONNX Runtime INT8 (dynamic, or static QDQ calibrated on the recipe's training data)
+through optimum's ORTQuantizer and a target preset, or weight-only INT4 (MatMulNBits) for LMs.
 
 The preset (avx2, avx512, avx512_vnni, arm64) picks the operators and int formats the target's
-kernels are fast at; the quantization config travels with the model (ort_config.json).
+kernels are fast at; the quantization config travels with the model (ort_config.json), and the
+graph optimization level to run it with in ort_session.json.
+
+Static INT8 quantizes MatMul/Gemm only (see STATIC_OPS). Causal LMs: lm_head and the
+token-embedding Gather stay float by default (INT8 there costs the most perplexity for the least
+time), and calibration feeds full training blocks with an empty KV cache: the prefill pass, whose
+activation ranges the decode steps share (the model keeps its cache inputs; no second export).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
+import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from compress.artifact import LINEAGE_FILE, ModelRef
 from compress.errors import StageError
 from compress.recipe import QuantizeConfig
 from compress.stages import StageContext
+from compress.stages.export import SESSION_FILE
+
+# The CPU feature each preset's kernels are built for (names as in /proc/cpuinfo).
+TARGET_FLAG = {"avx512_vnni": "avx512_vnni", "avx512": "avx512f", "avx2": "avx2",
+               "arm64": "asimd"}
+CALIB_BATCH = 8
+# Static INT8 quantizes the matmuls, which carry nearly all the compute. Elementwise ops in int8
+# save little and cost accuracy: the additive attention mask spans -3.4e38..0 (it breaks
+# histogram calibration outright), and an LM's KV-cache Concat/Softmax would be requantized
+# every step.
+STATIC_OPS = ("MatMul", "Gemm")
+
+
+def _graph_nodes(model: Any) -> list[Any]:
+    """Every node, subgraphs included (exclusion names may point into them)."""
+    out, stack = [], [model.graph]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            out.append(n)
+            for a in n.attribute:
+                if a.g is not None and a.g.node:
+                    stack.append(a.g)
+                stack.extend(a.graphs)
+    return out
+
+
+def resolve_exclude(model: Any, patterns: list[str]) -> tuple[list[str], dict[str, int]]:
+    """fnmatch each pattern against node names; one that matches nothing is a typo: refuse."""
+    names = [n.name for n in _graph_nodes(model) if n.name]
+    found: list[str] = []
+    counts: dict[str, int] = {}
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            like = f" (node names look like {names[len(names) // 2]!r})" if names else ""
+            raise StageError(f"quantize.exclude: pattern {pat!r} matches no node of the ONNX "
+                             f"graph{like}")
+        counts[pat] = len(hits)
+        found.extend(h for h in hits if h not in found)
+    return found, counts
+
+
+def lm_default_exclusions(model: Any, embeddings: bool) -> list[str]:
+    """lm_head (the node producing `logits`, or named *lm_head*) and, for INT8, token-embedding
+    Gathers (a Gather whose table is a 2-D initializer)."""
+    nodes = _graph_nodes(model)
+    out = [n.name for n in nodes if "lm_head" in n.name and n.op_type in ("MatMul", "Gemm")]
+    if not out:
+        producer = {o: n for n in nodes for o in n.output}
+        n = producer.get("logits")
+        while n is not None and n.op_type not in ("MatMul", "Gemm"):
+            n = producer.get(n.input[0]) if n.input else None
+        if n is not None:
+            out.append(n.name)
+    if embeddings:
+        tables = {i.name for i in model.graph.initializer if len(i.dims) == 2}
+        out += [n.name for n in nodes if n.op_type == "Gather" and n.input[0] in tables]
+    return out
+
+
+def _uses_external_data(model: Any) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def _cpu_check(cfg: QuantizeConfig) -> tuple[list[str], list[str]]:
+    from compress.measure import cpu_info
+
+    flags = cpu_info()["flags"]
+    warns = []
+    need = TARGET_FLAG[cfg.target]
+    if cfg.method != "int4" and need not in flags:
+        warns.append(f"the {cfg.target} preset on a CPU without {need}: ONNX Runtime runs "
+                     "slower fallback kernels here, so latency measured on this machine is not "
+                     "the target's")
+    return flags, warns
 
 
 def apply(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+    import onnx
 
     if ref.format != "onnx":
         raise StageError("quantize: needs an ONNX model; add an export stage before it")
-    preset = getattr(AutoQuantizationConfig, cfg.target)
-    qconfig = preset(is_static=False, per_channel=cfg.per_channel)
+    lm = ref.task == "causal-lm"
+    if cfg.method == "int4" and not lm:
+        raise StageError("quantize: int4 (MatMulNBits) is for causal LMs; use dynamic or static "
+                         "INT8 for classifiers")
+    model = onnx.load(str(ref.onnx_path), load_external_data=False)
+    user, counts = resolve_exclude(model, cfg.exclude)
+    default = lm_default_exclusions(model, embeddings=cfg.method != "int4") if lm else []
+    excluded = default + [n for n in user if n not in default]
+    external = _uses_external_data(model)
+    del model
+    flags, warns = _cpu_check(cfg)
+
     logging.getLogger("optimum").setLevel(logging.ERROR)
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            quantizer = ORTQuantizer.from_pretrained(ref.dir, file_name=ref.onnx_file)
-            written = Path(quantizer.quantize(qconfig, save_dir=out, file_suffix="int8"))
+            if cfg.method == "int4":
+                written, detail = _int4(ref, cfg, excluded, external, out)
+            else:
+                written, detail = _int8(ref, cfg, ctx, excluded, external, lm, out)
+    except StageError:
+        raise
     except Exception as e:
         raise StageError(f"quantize: ONNX Runtime could not quantize {ref.onnx_path}: "
                          f"{str(e).strip().splitlines()[0][:300]}") from None
-    onnx_files = sorted(p.name for p in out.glob("*.onnx"))
-    if not onnx_files:
+    _check_output(out / written, cfg.method)
+    _copy_side_files(ref, out)
+    (out / SESSION_FILE).write_text(json.dumps(
+        {"graph_optimization_level": cfg.optimization_level}, indent=2) + "\n")
+    info: dict[str, Any] = {
+        "onnx_file": written,
+        "quantization": {
+            "method": cfg.method, "target": cfg.target, "per_channel": cfg.per_channel,
+            **detail,
+            "excluded_nodes": excluded, "excluded_count": len(excluded),
+            "excluded_by_default": default, "exclude_patterns": counts,
+            "optimization_level": cfg.optimization_level, "cpu_flags_present": flags,
+            "external_data": external}}
+    if warns:
+        info["warnings"] = warns
+    return info
+
+
+def _int8(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, excluded: list[str],
+          external: bool, lm: bool, out: Path) -> tuple[str, dict[str, Any]]:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    static = cfg.method == "static"
+    preset = getattr(AutoQuantizationConfig, cfg.target)
+    kwargs: dict[str, Any] = {"is_static": static, "per_channel": cfg.per_channel,
+                              "nodes_to_exclude": excluded}
+    if static:
+        kwargs["operators_to_quantize"] = list(STATIC_OPS)
+    qconfig = preset(**kwargs)
+    quantizer = ORTQuantizer.from_pretrained(ref.dir, file_name=ref.onnx_file)
+    ranges, detail = None, {"weights": "int8", "activations": "int8 (dynamic, per batch)",
+                            "calibration": None}
+    if static:
+        ranges, calib = _calibrate(ref, cfg, ctx, qconfig, external, lm)
+        detail = {"weights": "int8", "activations": "int8 (static, calibrated)", **calib,
+                  "format": "QDQ", "operators": [str(getattr(o, "value", o)) for o in
+                                                 qconfig.operators_to_quantize]}
+    quantizer.quantize(qconfig, save_dir=out, file_suffix="int8",
+                       calibration_tensors_range=ranges, use_external_data_format=external)
+    written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int8.onnx"
+    if not (out / written).is_file():
         raise StageError("quantize: the quantizer wrote no ONNX file")
-    # Tokenizer and config travel with the model.
+    return written, detail
+
+
+def calibration_feeds(ref: ModelRef, ctx: StageContext, n: int, lm: bool,
+                      input_meta: list[Any]) -> list[dict[str, np.ndarray]]:
+    """Model-ready numpy batches from the training split. Classifiers: padded to max_length
+    (the fixed shape served); LMs: full token blocks, position ids, and an empty KV cache."""
+    from compress.data import calibration_batches
+    from compress.models import load_tokenizer
+
+    tok = load_tokenizer(ref.path, trust_remote_code=ctx.recipe.model.trust_remote_code)
+    names = {i.name: i for i in input_meta}
+    feeds = []
+    if lm:
+        for batch in calibration_batches(ctx.data, tok, n, CALIB_BATCH):
+            ids = batch["input_ids"].numpy().astype(np.int64)
+            b, s = ids.shape
+            feed = {"input_ids": ids,
+                    "attention_mask": batch["attention_mask"].numpy().astype(np.int64)}
+            if "position_ids" in names:
+                feed["position_ids"] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+            for name, meta in names.items():
+                if name.startswith("past_key_values"):
+                    feed[name] = np.zeros(_empty_past_shape(meta, b), dtype=np.float32)
+            feeds.append({k: v for k, v in feed.items() if k in names})
+        return feeds
+    rows = ctx.data.train.select(range(min(n, len(ctx.data.train))))
+    for i in range(0, len(rows), CALIB_BATCH):
+        part = rows[i:i + CALIB_BATCH]
+        enc = tok(part["text"], part.get("text_pair"), padding="max_length", truncation=True,
+                  max_length=ctx.data.spec.max_length, return_tensors="np")
+        feeds.append({k: v.astype(np.int64) for k, v in enc.items() if k in names})
+    return feeds
+
+
+def _empty_past_shape(meta: Any, batch: int) -> tuple[int, ...]:
+    shape = []
+    for d in meta.shape:
+        if isinstance(d, int):
+            shape.append(d)
+        elif "batch" in str(d):
+            shape.append(batch)
+        elif "sequence" in str(d):
+            shape.append(0)
+        else:
+            raise StageError(f"quantize: cannot build an empty cache for input {meta.name} "
+                             f"(dimension {d!r})")
+    return tuple(shape)
+
+
+class _OneBatch:
+    """A CalibrationDataReader over one batch: calibrating batch by batch keeps only running
+    ranges/histograms in memory, not every intermediate tensor of every batch."""
+
+    def __init__(self, feed: dict[str, np.ndarray]) -> None:
+        self.feed: dict[str, np.ndarray] | None = feed
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed, self.feed = self.feed, None
+        return feed
+
+    def rewind(self) -> None:
+        pass
+
+
+def _calibrate(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, qconfig: Any,
+               external: bool, lm: bool) -> tuple[Any, dict[str, Any]]:
+    import onnxruntime as ort
+    from optimum.onnxruntime.configuration import AutoCalibrationConfig
+
+    sample = ctx.data.train.select(range(min(cfg.calibration_samples, len(ctx.data.train))))
+    if cfg.calibration == "minmax":
+        calib = AutoCalibrationConfig.minmax(sample)
+    elif cfg.calibration == "entropy":
+        calib = AutoCalibrationConfig.entropy(sample)
+    else:
+        calib = AutoCalibrationConfig.percentiles(sample, percentile=cfg.percentile)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    meta = ort.InferenceSession(str(ref.onnx_path), opts,
+                                providers=["CPUExecutionProvider"]).get_inputs()
+    feeds = calibration_feeds(ref, ctx, cfg.calibration_samples, lm, meta)
+    if not feeds:
+        raise StageError("quantize: no training examples to calibrate on")
+    ops = [str(getattr(o, "value", o)) for o in qconfig.operators_to_quantize]
+    base = ctx.work_dir  # the augmented model is as big as the model: keep it off /tmp
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="calib-", dir=base) as tmp:
+        calibrator = calib.create_calibrator(
+            onnx_model_path=ref.onnx_path.as_posix(), operators_to_quantize=ops,
+            use_external_data_format=external,
+            augmented_model_name=str(Path(tmp) / "augmented_model.onnx"))
+        for feed in feeds:
+            calibrator.collect_data(_OneBatch(feed))
+        ranges = calibrator.compute_data()
+        del calibrator
+    examples = sum(len(f["input_ids"]) for f in feeds)
+    info: dict[str, Any] = {"calibration": cfg.calibration,
+                            "calibration_examples": examples,
+                            "calibration_shape": "full blocks, empty KV cache (prefill)" if lm
+                            else f"padded to {ctx.data.spec.max_length} tokens"}
+    if cfg.calibration == "percentile":
+        info["percentile"] = cfg.percentile
+    return ranges, info
+
+
+def _int4(ref: ModelRef, cfg: QuantizeConfig, excluded: list[str], external: bool,
+          out: Path) -> tuple[str, dict[str, Any]]:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(ref.onnx_path))  # with external data: the weights are what we quantize
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=True,
+                             nodes_to_exclude=excluded)
+    q.process()
+    written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int4.onnx"
+    q.model.save_model_to_file(str(out / written), use_external_data_format=external)
+    return written, {"weights": f"int4 (symmetric, block {cfg.block_size})", "calibration": None,
+                     "activations": "float (weight-only)", "block_size": cfg.block_size}
+
+
+def _check_output(path: Path, method: str) -> None:
+    """The op types that prove the method took effect, and a session that loads."""
+    import onnx
+    import onnxruntime as ort
+
+    ops = {n.op_type for n in _graph_nodes(onnx.load(str(path), load_external_data=False))}
+    need = {"static": {"QuantizeLinear", "DequantizeLinear"}, "int4": {"MatMulNBits"},
+            "dynamic": set()}[method]
+    if need - ops:
+        raise StageError(f"quantize: the {method} model has no {' / '.join(sorted(need - ops))} "
+                         "nodes: nothing was quantized (everything excluded?)")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise StageError(f"quantize: ONNX Runtime cannot load the quantized model: "
+                         f"{str(e).strip().splitlines()[0][:300]}") from None
+
+
+def _copy_side_files(ref: ModelRef, out: Path) -> None:
+    """Tokenizer and config travel with the model; the input's ONNX weights do not."""
+    onnx_names = {p.name for p in ref.dir.glob("*.onnx")}
     for f in ref.dir.iterdir():
-        if f.is_file() and f.suffix != ".onnx" and f.name != LINEAGE_FILE \
+        weights = f.suffix == ".onnx" or any(f.name.startswith(o) for o in onnx_names)
+        if f.is_file() and not weights and f.name != LINEAGE_FILE and f.name != "stage_info.json" \
                 and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
-    return {"onnx_file": written.name if written.suffix == ".onnx" else onnx_files[0],
-            "quantization": {"method": cfg.method, "target": cfg.target,
-                             "per_channel": cfg.per_channel, "weights": "int8",
-                             "activations": "int8 (dynamic, per batch)"}}
