@@ -89,6 +89,7 @@ class Metrics(BaseModel):
     rss_increase_mb: float
     cuda_peak_mb: float | None = None
     eval_seconds: float
+    macs: int | None = None  # multiply-accumulates of the weight matmuls for one timed sequence
 
 
 class Predictor:
@@ -199,6 +200,52 @@ def predictor(ref: ModelRef, num_labels: int, threads: int, *,
     return TorchPredictor(model, threads)
 
 
+_ONNX_MATMULS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                 "MatMulNBits", "FusedMatMul"}
+
+
+def linear_macs_per_token(model: Any) -> int:
+    """Weight-matmul MACs per token (every Linear's in x out): with the same count for ONNX
+    graphs, the card compares MACs across runtimes and shows when fewer MACs buy no speed."""
+    import torch
+
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def onnx_macs_per_token(path: str) -> int:
+    """The same count from an ONNX graph: each matmul whose weight is a constant (directly, or
+    through DequantizeLinear/Transpose/Cast), or a MatMulNBits with its K x N attributes."""
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+
+    def weight_shape(name: str, depth: int = 0) -> list[int] | None:
+        if name in shapes:
+            return shapes[name]
+        node = producer.get(name)
+        if node is None or depth > 3 or node.op_type not in (
+                "DequantizeLinear", "Transpose", "Cast", "Reshape"):
+            return None
+        return weight_shape(node.input[0], depth + 1)
+
+    total = 0
+    for node in m.graph.node:
+        if node.op_type not in _ONNX_MATMULS:
+            continue
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            total += attrs.get("K", 0) * attrs.get("N", 0)
+            continue
+        b = node.input[3] if node.op_type == "QLinearMatMul" else node.input[1]
+        shape = weight_shape(b)
+        if shape and len(shape) >= 2:
+            total += int(shape[-1] * shape[-2])
+    return total
+
+
 def fixed_batch(tokenizer: Any, texts: list[str], batch_size: int, seq_len: int
                 ) -> dict[str, np.ndarray]:
     """A batch of real eval texts padded to exactly seq_len: the same shapes for every stage."""
@@ -261,6 +308,8 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
                                      sequence_length=seq_len, threads=threads,
                                      warmup=spec.latency.warmup))
         params, device = pred.parameters, pred.device
+        per_token = onnx_macs_per_token(pred.path) if isinstance(
+            pred, (OrtPredictor, OrtCausalLMPredictor)) else linear_macs_per_token(pred.model)
     del pred
     gc.collect()
     return Metrics(
@@ -271,5 +320,5 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
         dir_bytes=dir_bytes(ref.dir), peak_rss_mb=round(mem.peak_mb, 1),
         rss_increase_mb=round(mem.peak_mb - mem.start_mb, 1),
         cuda_peak_mb=None if mem.cuda_peak_mb is None else round(mem.cuda_peak_mb, 1),
-        eval_seconds=round(time.perf_counter() - t0, 2),
+        eval_seconds=round(time.perf_counter() - t0, 2), macs=per_token * seq_len,
     )

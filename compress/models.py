@@ -85,6 +85,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def wait_for_everyone() -> None:
+    """A barrier across the ranks of a distributed launch; nothing in a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
 def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
     """save_pretrained in safetensors; the config carries every size a reload needs."""
     if not is_main_process():

@@ -35,7 +35,7 @@ from compress.artifact import (
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
 from compress.measure import cpu_info, default_threads, environment
-from compress.models import check_weights
+from compress.models import check_weights, wait_for_everyone
 from compress.recipe import NOT_HASHED, STAGE_CONFIGS, ExportConfig, Recipe
 from compress.report import (
     LATEST,
@@ -195,30 +195,45 @@ def evaluate_reference(plan: Plan) -> StageCard:
     ref = reference_ref(plan)
     name = "reference" if plan.reference_index is None else \
         f"reference ({plan.stages[plan.reference_index].name})"
+    warnings = [f"trust_remote_code is on: Python code shipped with {plan.recipe.model.path} "
+                "ran in this process (the recipe asked for it)"] \
+        if plan.recipe.model.trust_remote_code else []
     return StageCard(name=name, kind="reference", index=plan.reference_index, model=ref,
-                     metrics=_evaluate(plan, ref), reused=True)
+                     metrics=_evaluate(plan, ref), reused=True, warnings=warnings)
 
 
 Progress = Callable[[str, int, int], None]
 
 
+TRAINING = {"finetune", "distill"}  # every rank of a distributed launch takes part in these
+
+
+def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> Any:
+    from compress.stages import StageContext
+
+    before_reference = plan.reference_index is not None and ps.index <= plan.reference_index
+    return StageContext(recipe=plan.recipe, data=_data(plan), progress=progress,
+                        reference=plan.source if before_reference else reference_ref(plan),
+                        work_dir=Path(plan.recipe.output_root) / "work" /
+                        Path(ps.output_dir).name)
+
+
 def run_stage(plan: Plan, index: int, input_ref: ModelRef,
               progress: Progress | None = None) -> StageCard:
     """Run one stage (or find it done), then evaluate its output. The input is never touched."""
-    from compress.stages import StageContext, registry
+    from compress.stages import registry
 
     ps = plan.reference_onnx if index == -1 else plan.stages[index]
     assert ps is not None
     out = Path(ps.output_dir)
+    if ps.kind in TRAINING:
+        wait_for_everyone()  # the other ranks (if any) train this stage with us: see follow()
     reused = ps.done()
     if not reused:
         sweep_stale_temps(out.parent)
         cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
-        before_reference = plan.reference_index is not None and index <= plan.reference_index
-        work = Path(plan.recipe.output_root) / "work" / out.name
-        ctx = StageContext(recipe=plan.recipe, data=_data(plan), progress=progress,
-                           reference=plan.source if before_reference else reference_ref(plan),
-                           work_dir=work)
+        ctx = _context(plan, ps, progress)
+        work = ctx.work_dir
         t0 = time.perf_counter()
         with staging_dir(out) as tmp:
             info = registry()[ps.kind](input_ref, cfg, ctx, tmp)
@@ -237,6 +252,31 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
     return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref,
                      metrics=_evaluate(plan, ref), info=info, reused=reused,
                      seconds=info.get("seconds", 0.0), warnings=warnings)
+
+
+def follow(plan: Plan) -> None:
+    """What ranks other than 0 do under `torchrun`/`accelerate launch`: train their share of
+    every training stage rank 0 runs, and nothing else (rank 0 prunes, exports, evaluates and
+    writes every file). Each training stage starts with a barrier, after which rank 0's output
+    of the stage before it is on disk to read."""
+    import tempfile
+
+    from compress.stages import registry
+
+    for ps in plan.stages:
+        if ps.kind not in TRAINING:
+            continue
+        wait_for_everyone()
+        if ps.done():
+            continue
+        prev = plan.source if ps.index == 0 else read_ref(Path(plan.stages[ps.index - 1]
+                                                               .output_dir))
+        if prev is None:
+            raise CompressError(f"rank {os.environ.get('RANK')}: the input of stage "
+                                f"{ps.index} is missing; did rank 0 fail?")
+        cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
+        with tempfile.TemporaryDirectory() as scratch:
+            registry()[ps.kind](prev, cfg, _context(plan, ps, None), Path(scratch))
 
 
 @contextlib.contextmanager

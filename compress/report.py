@@ -132,7 +132,8 @@ def _row(report: RunReport, card: StageCard, batch: int) -> list[str]:
     return [
         card.name + (" ♻" if card.reused else ""), m.runtime, metric,
         f"{b1.p50_ms:.2f}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", f"{bn.p50_ms:.1f}",
-        f"{m.parameters / 1e6:.2f}M", size, f"{m.peak_rss_mb:.0f}",
+        f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.2f}", size,
+        f"{m.peak_rss_mb:.0f}",
     ]
 
 
@@ -142,7 +143,7 @@ def table(report: RunReport) -> tuple[list[str], list[list[str]]]:
     batch = max((x.batch_size for c in cards for x in c.metrics.latency), default=1)
     metric = cards[0].metrics.metric if cards else "accuracy"
     head = ["stage", "runtime", f"{metric} (Δ)", "p50 b1 ms (speed-up)", "p90 / p99 b1 ms",
-            f"p50 b{batch} ms", "params", "size MB (smaller)", "peak RSS MB"]
+            f"p50 b{batch} ms", "params", "GMACs", "size MB (smaller)", "peak RSS MB"]
     return head, [_row(report, c, batch) for c in cards]
 
 
@@ -156,7 +157,8 @@ def render_markdown(report: RunReport) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Deltas and ratios are against the reference (first row); ONNX rows compare "
-              "with the reference timed in ONNX Runtime fp32. ♻ = reused from an earlier run.", ""]
+              "with the reference timed in ONNX Runtime fp32. ♻ = reused from an earlier run. "
+              "GMACs: weight matmuls for one sequence of the timed length.", ""]
     if report.gates:
         lines += ["## Gates", ""]
         lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"
@@ -175,14 +177,20 @@ def render_markdown(report: RunReport) -> str:
                          f"{parity['samples']} examples")
         tr = c.info.get("training")
         if tr:
+            tokens = f", {tr['tokens_per_s']} tokens/s" if tr.get("tokens_per_s") else ""
             notes.append(f"- {c.name}: {tr['steps']} steps, final loss {tr['final_loss']}, "
-                         f"{tr['samples_per_s']} samples/s on {tr['device']} ({tr['precision']})")
+                         f"{tr['samples_per_s']} samples/s{tokens} on {tr['device']} "
+                         f"({tr['precision']}, {tr.get('processes', 1)} process(es))")
         if c.kind == "prune":
             b, a = c.info["before"], c.info["after"]
             notes.append(f"- {c.name}: layers {b['layers']}→{a['layers']}, heads/layer "
                          f"{max(b['heads_per_layer'])}→{max(a['heads_per_layer'])}, FFN "
-                         f"{b['ffn']}→{a['ffn']} ({c.info['importance']} importance)")
+                         f"{b['ffn']}→{a['ffn']} ({c.info['importance']} importance)"
+                         + (f", layers dropped {c.info['layers_dropped']}"
+                            if c.info.get("layers_dropped") else ""))
         notes += [f"- ⚠ {c.name}: {w}" for w in c.warnings]
+    if report.reference:
+        notes += [f"- ⚠ {report.reference.name}: {w}" for w in report.reference.warnings]
     if notes:
         lines += ["## Stage notes", "", *notes, ""]
     env = report.environment

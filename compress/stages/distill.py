@@ -31,7 +31,13 @@ import torch
 
 from compress.artifact import ModelRef, source_ref
 from compress.errors import StageError
-from compress.models import load_model, load_tokenizer, save_hf
+from compress.models import (
+    is_main_process,
+    load_model,
+    load_tokenizer,
+    save_hf,
+    wait_for_everyone,
+)
 from compress.recipe import DistillConfig
 from compress.stages import StageContext
 
@@ -211,7 +217,11 @@ def apply(ref: ModelRef, cfg: DistillConfig, ctx: StageContext, out: Path) -> di
     if cfg.teacher_cache:
         k = cfg.top_k if data.causal_lm else min(cfg.top_k, data.num_labels)
         aug_ctx = ctx if augmented is None else dataclasses.replace(ctx, data=data)
+        if not is_main_process():
+            wait_for_everyone()  # rank 0 builds the cache; the others then read it
         cache = build_teacher_cache(teachers[0], refs[0], tok, aug_ctx, k, cfg.batch_size)
+        if is_main_process():
+            wait_for_everyone()
         teachers = []  # training never runs it
 
     loss = kd_loss(cfg, weights=weights, pairs=pairs, proj=proj)

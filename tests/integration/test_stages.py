@@ -110,3 +110,34 @@ def test_distillation_recovers_a_pruned_student(write_recipe):
     assert student >= 90 and student >= pruned
     tr = cards[2].info["training"]
     assert tr["loss_curve"][-1][1] < tr["loss_curve"][0][1]
+
+
+def test_cards_count_macs_the_same_way_in_torch_and_onnx(write_recipe):
+    plan, [pruned, exported, quant] = run_all(write_recipe([
+        {"kind": "prune", "ffn": 0.5}, {"kind": "export"}, {"kind": "quantize"}]))
+    from compress.pipeline import evaluate_reference
+
+    ref = evaluate_reference(plan).metrics
+    assert ref.macs and pruned.metrics.macs < ref.macs
+    # 4 layers x 2 FFN matmuls x 64 hidden x 64 channels removed, per token, x 32 tokens
+    assert ref.macs - pruned.metrics.macs == 4 * 2 * 64 * 64 * 32
+    assert exported.metrics.macs == pruned.metrics.macs == quant.metrics.macs
+
+
+def test_trust_remote_code_is_off_unless_asked_and_warned_on_the_card(write_recipe, tmp_path):
+    import yaml
+
+    from compress.pipeline import evaluate_reference
+    from compress.report import RunReport, render_markdown
+
+    p = write_recipe([{"kind": "export"}])
+    plain = make_plan(load_recipe(p))
+    assert not plain.recipe.model.trust_remote_code
+    assert evaluate_reference(plain).warnings == []
+    raw = yaml.safe_load(p.read_text())
+    raw["model"]["trust_remote_code"] = True
+    p.write_text(yaml.safe_dump(raw))
+    card = evaluate_reference(make_plan(load_recipe(p)))
+    assert "trust_remote_code is on" in card.warnings[0]
+    md = render_markdown(RunReport(recipe="tiny", run_id="r", started_at="now", reference=card))
+    assert "trust_remote_code is on" in md
