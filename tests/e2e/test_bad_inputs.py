@@ -75,6 +75,23 @@ def gpt2(d: dict, tmp: Path) -> None:
     d["model"]["path"] = str(m)
 
 
+def gqa_llama(d: dict, tmp: Path) -> None:
+    """A Llama with 6 query heads in 3 key/value groups, on plain text."""
+    from compress.testing import make_text_file, make_tiny_llama
+
+    d["model"] = {"path": str(make_tiny_llama(tmp / "llama", heads=6, kv_heads=3, hidden=48)),
+                  "task": "causal-lm"}
+    d["data"] = {"path": str(make_text_file(tmp / "text.txt", lines=60)), "max_length": 16}
+    d["stages"] = [{"kind": "prune", "heads": 0.15}]
+
+
+def lm(**stage_kw):
+    def edit(d: dict, _t: Path) -> None:
+        d["model"]["task"] = "causal-lm"
+        d["stages"] = [stage_kw]
+    return edit
+
+
 def empty_dir(d: dict, tmp: Path) -> None:
     (tmp / "empty").mkdir()
     d["model"]["path"] = str(tmp / "empty")
@@ -150,7 +167,7 @@ CASES = [
     Case("prune-ratio-1", "a prune ratio of 1 or more", stage(kind="prune", ffn=1.0),
          "stages[0].ffn: Input should be less than 1"),
     Case("prune-nothing", "a prune stage that prunes nothing", stage(kind="prune"),
-         "stages[0]: prunes nothing: set heads, ffn or drop_layers"),
+         "stages[0]: prunes nothing: set heads, ffn, drop_layers or depth"),
     Case("heads-round-to-zero", "a head ratio too small for the model",
          stage(kind="prune", heads=0.1), "prune.heads: 0.1 of 4 heads rounds to none", exit=1,
          command="run"),
@@ -171,6 +188,39 @@ CASES = [
     Case("parity-failure", "ONNX output that does not match PyTorch",
          stage(kind="export", atol=1e-12), "export: ONNX output differs from PyTorch by",
          exit=1, command="run"),
+    Case("gqa-ratio", "a head ratio that splits key/value groups (GQA)", gqa_llama,
+         "prune.heads: 0.15 does not remove a whole number of the 3 key/value groups; ratios "
+         "that work: 0.333, 0.667", exit=1, command="run"),
+    Case("depth-all-layers", "depth pruning that would remove every layer",
+         stage(kind="prune", depth=4), "prune.depth: cannot drop 4 of the 4 layers",
+         exit=1, command="run"),
+    Case("int4-classifier", "INT4 MatMulNBits for a classifier",
+         lambda d, t: d.update(stages=[{"kind": "export"}, {"kind": "quantize",
+                                                             "method": "int4"}]),
+         "int4 (MatMulNBits) is for causal LMs"),
+    Case("block-size", "an INT4 block size that is not a power of 2",
+         stage(kind="quantize", block_size=48), "48 is not a power of 2"),
+    Case("exclude-no-match", "a quantize exclude pattern that matches no node",
+         lambda d, t: d.update(stages=[{"kind": "export"}, {"kind": "quantize",
+                                                             "exclude": ["*nothing*"]}]),
+         "quantize.exclude: pattern '*nothing*' matches no node", exit=1, command="run"),
+    Case("bnb-not-last", "a bitsandbytes stage followed by another stage",
+         lambda d, t: d.update(stages=[{"kind": "bnb"}, {"kind": "export"}]),
+         "bnb must be the last stage"),
+    Case("cache-divergence", "a teacher cache with reverse KL or JSD",
+         stage(kind="distill", teacher_cache=True, divergence="jsd"),
+         "the top-k cache supports divergence 'kl' only"),
+    Case("int8-teacher-cpu", "an 8-bit (bitsandbytes) teacher on a machine with no GPU",
+         stage(kind="distill", max_steps=1, teacher_dtype="int8"),
+         "distill.teacher_dtype: int8 (bitsandbytes) needs a CUDA GPU", exit=1, command="run"),
+    Case("augment-classifier", "teacher-generated text for a classifier",
+         stage(kind="distill", augment={"prompts": 2}),
+         "teacher-generated text needs model.task causal-lm"),
+    Case("lm-attention", "attention-map matching for a causal LM",
+         lm(kind="distill", attention_weight=1.0), "attention-map matching is for encoders"),
+    Case("lm-accuracy", "accuracy as the metric of a causal LM",
+         lambda d, t: (lm(kind="distill")(d, t), d["evaluation"].update(metric="accuracy")),
+         "evaluation.metric: accuracy needs task sequence-classification"),
     Case("unwritable-output", "an output root that cannot be written",
          lambda d, t: d.update(output_root="/proc/compress-outputs"),
          "output_root: cannot write to /proc/compress-outputs"),
