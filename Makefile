@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint benchmark clean
+.PHONY: install demo test test-fast lint benchmark benchmark-orchestration screenshots clean
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ lint: $(STAMP)
 
 benchmark: $(STAMP) assets/movie-snippets.csv
 	$(BIN)/python benchmarks/demo.py
+
+# Prefect's cost: a tiny recipe through the flow vs. the same stages called directly.
+benchmark-orchestration: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect/bench $(BIN)/python benchmarks/orchestration.py
+
+# Re-take reports/screenshots/*.png (headless Chromium; the Prefect UI and report.html).
+screenshots: $(STAMP)
+	COMPRESS_SAVE_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/e2e/test_browser.py
 
 clean:
 	rm -rf outputs .prefect .pytest_cache

@@ -41,6 +41,23 @@ def _fail(e: CompressError) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
+def _disk_full(e: BaseException, where: str) -> str | None:
+    """One line for a full disk (or a file-size limit), whatever layer wrapped the OSError
+    (safetensors and torch re-raise it as their own errors, keeping only the text)."""
+    import errno
+
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return f"disk full while writing {seen.filename or where}: {seen.strerror}"
+        text = str(seen)
+        for reason in ("No space left on device", "File too large", "Disk quota exceeded"):
+            if reason in text:
+                return f"disk full while writing {where}: {reason}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _load(recipe: Path, output_root: Path | None):
     from compress.pipeline import make_plan
     from compress.recipe import load_recipe
@@ -72,7 +89,8 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
         ) -> None:
     """Run a recipe: every stage, a report card after each, gates at the end."""
-    from compress.pipeline import execute, report_folder
+    from compress.models import is_main_process
+    from compress.pipeline import execute, follow, report_folder
     from compress.report import read_report
 
     try:
@@ -83,17 +101,27 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         out.print(line, highlight=False, soft_wrap=True)
     reports_dir = reports_dir.resolve()
     try:
-        if local:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun: always local
+        if distributed and not is_main_process():  # rank 0 does everything but train
+            follow(plan)
+            return
+        if local or distributed:
             report = execute(plan, reports_dir, keep_going=keep_going)
             folder = report_folder(reports_dir, report)
         else:
             from flows.compress_flow import compress_recipe
+            from flows.embedded import embedded_server
 
-            result = compress_recipe(recipe=plan.recipe, reports_dir=str(reports_dir),
-                                     keep_going=keep_going)
+            with embedded_server():  # an embedded server dies with this process
+                result = compress_recipe(recipe=plan.recipe, reports_dir=str(reports_dir),
+                                         keep_going=keep_going)
             folder = Path(result["report"])
-    except CompressError as e:
-        raise _fail(e) from None
+    except Exception as e:  # a full disk reads the same whichever stage or library hit it
+        if (full := _disk_full(e, plan.recipe.output_root)) is not None:
+            raise _fail(CompressError(full)) from None
+        if isinstance(e, CompressError):
+            raise _fail(e) from None
+        raise
     _show((folder / "report.md").read_text())
     out.print(f"report: {folder / 'report.md'}", highlight=False)
     if read_report(folder).status != "passed" and not keep_going:
@@ -145,6 +173,61 @@ def report(path: Annotated[Path, typer.Argument(help="A report folder or report.
         print(rep.model_dump_json(indent=2))
     else:
         _show(render_markdown(rep))
+
+
+@app.command()
+def sweep(recipe: RecipeArg,
+          set_: Annotated[list[str], typer.Option(
+              "--set", help="PATH=V1,V2,... (e.g. 'stages[1].ffn=0.25,0.5'); repeat for a grid.",
+              show_default=False)],
+          output_root: OutputRoot = None, reports_dir: ReportsDir = Path("reports"),
+          local: Annotated[bool, typer.Option(help="One after another, without Prefect.")
+                           ] = False,
+          threads: Annotated[bool, typer.Option(help="Dask workers as threads, not processes."
+                                                )] = False,
+          keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
+          ) -> None:
+    """Run one variant of the recipe per grid point, concurrently (each its own flow run)."""
+    from flows.sweep import parse_sets, run_local, run_sweep, variants
+
+    try:
+        plan, grid = _load(recipe, output_root), parse_sets(set_)
+        for v in variants(plan.recipe, grid):
+            out.print(f"variant {v.name}", highlight=False)
+        rows = (run_local if local else run_sweep)(plan.recipe, grid, reports_dir.resolve(),
+                                                   keep_going=keep_going,
+                                                   **({} if local else {"processes": not threads}))
+    except CompressError as e:
+        raise _fail(e) from None
+    for row in rows:
+        out.print(f"{row['recipe']:<40} {row['status']:<7} {row['report'] or row['error']}",
+                  highlight=False, soft_wrap=True)
+    codes = [r["exit_code"] for r in rows if r["exit_code"] != 3 or not keep_going]
+    if max(codes, default=0):
+        raise typer.Exit(max(codes))
+
+
+@app.command()
+def diagnose(recipe: RecipeArg, output_root: OutputRoot = None,
+             stage: Annotated[int | None, typer.Option(
+                 help="Stage index to diagnose; default: the one that lost the most.")] = None,
+             top: Annotated[int | None, typer.Option(
+                 help="Layer groups listed; default: the recipe's diagnose.top.")] = None,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the JSON.")] = False,
+             ) -> None:
+    """Rank a finished stage's layers by what compressing each one alone costs."""
+    from compress.diagnose import diagnose as run_diagnosis
+    from compress.diagnose import markdown_lines
+
+    try:
+        plan = _load(recipe, output_root)
+        result = run_diagnosis(plan, stage, top=top)
+    except CompressError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(result.model_dump_json(indent=2))
+    else:
+        _show("\n".join(markdown_lines(result)))
 
 
 def _need_server(what: str) -> None:

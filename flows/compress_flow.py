@@ -7,11 +7,12 @@ a retried or re-run flow redoes nothing that finished, with or without Prefect's
 
 from __future__ import annotations
 
+import errno
 import time
 from datetime import datetime
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, tags, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -22,6 +23,7 @@ from prefect.context import TaskRunContext
 
 from compress import pipeline
 from compress.artifact import ModelRef
+from compress.errors import CompressError
 from compress.recipe import Recipe
 from compress.report import RunReport, StageCard, render_markdown, table
 
@@ -65,12 +67,41 @@ class _ProgressArtifact:
         self.last = time.monotonic()
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name=_stage_run_name)
+# I/O hiccups worth another try (NFS, a busy or briefly unreachable disk). A full disk, missing
+# file or denied permission fails the same way again, so those fail at once.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.ETIMEDOUT,
+                    errno.ESTALE, errno.ECONNRESET, errno.ECONNREFUSED, errno.EHOSTUNREACH,
+                    errno.ENETDOWN, errno.ENETUNREACH}
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Retry only transient I/O: never our own errors (a bad config or failed parity repeats)."""
+    if exc is None or isinstance(exc, CompressError):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def retry_transient_io(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: look at the exception the failed attempt raised."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result could not even be read: do not guess
+        return False
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": retry_transient_io}
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name=_stage_run_name,
+      **RETRIES)
 def stage_task(plan: pipeline.Plan, index: int, input_ref: ModelRef) -> StageCard:
     return pipeline.run_stage(plan, index, input_ref, progress=_ProgressArtifact())
 
 
-@task(task_run_name="reference")
+@task(task_run_name="reference", **RETRIES)
 def reference_task(plan: pipeline.Plan) -> StageCard:
     return pipeline.evaluate_reference(plan)
 
@@ -93,6 +124,17 @@ def _run_name() -> str:
     return f"{name}-{datetime.now():%Y%m%d-%H%M}"
 
 
+def _tag_this_run(names: list[str]) -> None:
+    """Tags on the flow run itself (filterable in the UI), however it was started: a flow's
+    tags are fixed when its run is created, so add ours to whatever the caller gave it."""
+    from prefect import get_client
+    from prefect.runtime import flow_run
+
+    have = list(flow_run.tags or [])
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=have + [t for t in names if t not in have])
+
+
 @flow(name="compress-recipe", flow_run_name=_run_name, persist_result=True)
 def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
                     keep_going: bool = False) -> dict[str, Any]:
@@ -101,14 +143,17 @@ def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
 
     plan = pipeline.make_plan(recipe)
     run_id = f"{datetime.now():%Y%m%d-%H%M%S}-{str(flow_run.id)[:8]}"
+    run_tags = ["compress", recipe.name]
+    _tag_this_run(run_tags)
 
     def run_stage(plan: pipeline.Plan, index: int, input_ref: ModelRef,
                   progress: Any = None) -> StageCard:
         return stage_task(plan, index, input_ref)
 
-    report = pipeline.execute(plan, reports_dir, run_id=run_id, run_stage=run_stage,
-                              evaluate_reference=reference_task, on_card=publish,
-                              keep_going=keep_going)
+    with tags(*run_tags):  # the stage task runs carry them too
+        report = pipeline.execute(plan, reports_dir, run_id=run_id, run_stage=run_stage,
+                                  evaluate_reference=reference_task, on_card=publish,
+                                  keep_going=keep_going)
     return {"report": str(pipeline.report_folder(reports_dir, report)), "status": report.status}
 
 

@@ -1,0 +1,83 @@
+"""Helpers for e2e tests that need a real `prefect server start` (UI on, or on PostgreSQL).
+
+test_server.py keeps its own module-scoped server; these helpers let other tests start one with
+the settings they need (UI enabled, another database) without copying the start/wait/stop dance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(url: str, body: dict | None = None) -> Any:
+    """GET (or POST a JSON body) and decode the JSON answer."""
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, **settings: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A `prefect server start` on a free loopback port; yields (api url, env for clients).
+
+    The server runs in its own session so that stopping it also stops its workers; its log goes
+    to home/server.log for a failing test to show.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    # The UI's scripts call the API at PREFECT_UI_API_URL, which defaults to port 4200.
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_API_URL": url, **settings}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below, after the server
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                api(f"{url}/health")
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("server did not start:\n" + (home / "server.log")
+                                         .read_text(errors="replace")[-3000:]) from None
+                time.sleep(0.5)
+        yield url, {**env, "PREFECT_API_URL": url}
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def flow_runs(url: str, flow_name: str, limit: int = 20) -> list[dict]:
+    """The newest runs of a flow, by its name."""
+    return api(f"{url}/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}},
+                                          "limit": limit, "sort": "START_TIME_DESC"})
