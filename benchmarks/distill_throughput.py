@@ -6,7 +6,12 @@ In one run, on the real MiniLM (pruned to 3 layers and half the FFN as the stude
   (b) KD with the live teacher (a forward pass every step),
   (c) KD from cached top-k teacher logits (teacher run once, beforehand; build time shown apart),
 printed as cost ratios to (a). Goal: (c) <= 1.15x the cost of (a).
-Usage: python benchmarks/distill_throughput.py [--steps 40] [--batch-size 32]
+
+--lm: the same three on SmolLM2-135M (student: 2 of 30 layers and ~15% of the FFN pruned) and
+Hamlet in blocks of 128 tokens, in tokens/s as well, and the training throughput in TFLOP/s
+(6 x student parameters x tokens/s, plus 2 x teacher parameters x tokens/s when it runs live);
+--peak-tflops (e.g. 989 for an H100's dense bf16) prints it as a fraction of the GPU's peak.
+Usage: python benchmarks/distill_throughput.py [--lm] [--steps 40] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from compress.assets import prepare
+from compress.assets import prepare, prepare_lm
 from compress.data import load_task_data
 from compress.measure import default_threads
-from compress.models import load_classifier, load_tokenizer
+from compress.models import count_parameters, load_model, load_tokenizer
 from compress.pipeline import make_plan, run_stage
 from compress.recipe import DistillConfig, parse_recipe
 from compress.stages import StageContext
@@ -32,49 +37,77 @@ from compress.train import train
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lm", action="store_true", help="SmolLM2 on Hamlet instead of MiniLM")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=None)
     args = ap.parse_args()
     torch.set_num_threads(default_threads())
     tmp = Path(tempfile.mkdtemp(prefix="distill-bench-"))
-    assets = prepare(Path("assets"))
-    n = args.steps * args.batch_size
-    recipe = parse_recipe({
-        "name": "bench", "model": {"path": str(assets["minilm"].resolve()), "num_labels": 2},
-        "data": {"path": str(assets["movie_snippets"].resolve()), "max_length": 64,
-                 "max_train_samples": n, "max_eval_samples": 64},
-        "stages": [{"kind": "prune", "drop_layers": [1, 3, 5], "ffn": 0.5}],
-        "output_root": str(tmp),
-    })
+    steps = args.steps or (10 if args.lm else 40)
+    bs = args.batch_size or (4 if args.lm else 32)
+    n = steps * bs
+    if args.lm:
+        lm = prepare_lm(Path("assets"))
+        raw = {"name": "bench", "model": {"path": str(lm["smollm2"].resolve()),
+                                          "task": "causal-lm"},
+               "data": {"path": str(lm["hamlet"].resolve()), "max_length": 128,
+                        "max_train_samples": n * 14, "max_eval_samples": 64},
+               "stages": [{"kind": "prune", "depth": 2, "ffn": 0.15, "importance": "l2",
+                           "round_to": 64}]}
+    else:
+        assets = prepare(Path("assets"))
+        raw = {"name": "bench", "model": {"path": str(assets["minilm"].resolve()),
+                                          "num_labels": 2},
+               "data": {"path": str(assets["movie_snippets"].resolve()), "max_length": 64,
+                        "max_train_samples": n, "max_eval_samples": 64},
+               "stages": [{"kind": "prune", "drop_layers": [1, 3, 5], "ffn": 0.5}]}
+    recipe = parse_recipe({**raw, "output_root": str(tmp)})
     plan = make_plan(recipe)
     student_ref = run_stage(plan, 0, plan.source).model
-    data = load_task_data(recipe.data, 2)
+    task = recipe.model.task
+    data = load_task_data(recipe.data, None if args.lm else 2, task)
     tok = load_tokenizer(student_ref.path)
-    teacher = load_classifier(plan.source.path, 2)
+    teacher = load_model(plan.source.path, task, data.num_labels)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     t0 = time.perf_counter()
     ctx = StageContext(recipe=recipe, data=data, reference=plan.source)
-    cache = build_teacher_cache(teacher, plan.source, tok, ctx, 2, args.batch_size)
+    k = 32 if args.lm else 2
+    cache = build_teacher_cache(teacher.to(device), plan.source, tok, ctx, k, bs)
     build_s = time.perf_counter() - t0
 
-    cfg = DistillConfig(max_steps=args.steps, batch_size=args.batch_size, alpha=0.5,
-                        temperature=2.0)
+    cfg = DistillConfig(max_steps=steps, batch_size=bs, alpha=0.5, temperature=2.0)
     kd = kd_loss(cfg)  # exactly what the distill stage trains with
-    rates = {}
+    rows = {}
+    s_params = t_params = 0
     for name, loss, kw in (("(a) fine-tune, no teacher", label_loss, {}),
                            ("(b) KD, live teacher", kd, {"teachers": [teacher]}),
                            ("(c) KD, cached top-k", kd, {"teacher_cache": cache})):
-        student = load_classifier(student_ref.path, 2)
+        student = load_model(student_ref.path, task, data.num_labels)
+        s_params, t_params = count_parameters(student), count_parameters(teacher)
         _, stats = train(student, tok, data, cfg, loss, desc=name[:3], **kw)
-        rates[name] = stats["samples_per_s"]
-    base = rates["(a) fine-tune, no teacher"]
-    print(f"\n{args.steps} steps x batch {args.batch_size}, max length 64, "
-          f"{default_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'mode':30}{'samples/s':>12}{'cost vs (a)':>14}")
-    for name, r in rates.items():
-        print(f"{name:30}{r:>12.1f}{base / r:>13.2f}x")
-    print(f"teacher cache built once in {build_s:.1f}s for {len(data.train)} examples "
-          f"({len(data.train) / build_s:.0f} examples/s)")
+        flops = 6 * s_params + (2 * t_params if "teachers" in kw else 0)
+        rows[name] = (stats["samples_per_s"], stats.get("tokens_per_s"),
+                      flops * stats.get("tokens_per_s", 0) / 1e12)
+    base = rows["(a) fine-tune, no teacher"][0]
+    length = 128 if args.lm else 64
+    print(f"\n{'SmolLM2-135M' if args.lm else 'MiniLM'}: {steps} steps x batch {bs}, max length "
+          f"{length}, {default_threads()} threads, {device}; student {s_params / 1e6:.1f}M, "
+          f"teacher {t_params / 1e6:.1f}M parameters")
+    head = f"{'mode':30}{'samples/s':>12}{'cost vs (a)':>14}"
+    if args.lm:
+        head += f"{'tokens/s':>12}{'TFLOP/s':>10}" + ("  of peak" if args.peak_tflops else "")
+    print(head)
+    for name, (r, tps, tflops) in rows.items():
+        line = f"{name:30}{r:>12.2f}{base / r:>13.2f}x"
+        if args.lm:
+            line += f"{tps:>12.1f}{tflops:>10.3f}"
+            if args.peak_tflops:
+                line += f"  {tflops / args.peak_tflops:>7.1%}"
+        print(line)
+    print(f"teacher cache built once in {build_s:.1f}s for {len(cache)} examples "
+          f"({len(cache) / build_s:.1f} examples/s)")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
         out.append(GateResult(gate="max_perplexity_increase",
                               passed=rise <= gates.max_perplexity_increase, value=round(rise, 4),
                               threshold=gates.max_perplexity_increase,
-                              message=f"perplexity +{rise:.1%} "
+                              message=f"perplexity {ref.metrics.value:.2f} -> "
+                                      f"{final.metrics.value:.2f}: {rise:+.1%} "
                                       f"(allowed +{gates.max_perplexity_increase:.1%})"))
     if gates.min_size_reduction is not None:
         out.append(GateResult(gate="min_size_reduction",
@@ -132,7 +133,7 @@ def _row(report: RunReport, card: StageCard, batch: int) -> list[str]:
     return [
         card.name + (" ♻" if card.reused else ""), m.runtime, metric,
         f"{b1.p50_ms:.2f}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", f"{bn.p50_ms:.1f}",
-        f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.2f}", size,
+        f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.3g}", size,
         f"{m.peak_rss_mb:.0f}",
     ]
 
