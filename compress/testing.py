@@ -108,3 +108,25 @@ def make_tiny_llama(path: Path, *, layers: int = 4, heads: int = 4, kv_heads: in
     AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path
+
+
+def run_stages(recipe_path: Path) -> tuple[object, list]:
+    """Plan a recipe file and run every stage in order, no Prefect: (plan, cards)."""
+    from compress.pipeline import make_plan, run_stage
+    from compress.recipe import load_recipe
+
+    plan = make_plan(load_recipe(recipe_path))
+    ref, cards = plan.source, []
+    for s in plan.stages:
+        cards.append(run_stage(plan, s.index, ref))
+        ref = cards[-1].model
+    return plan, cards
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (servers and process groups in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

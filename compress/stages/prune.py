@@ -31,6 +31,7 @@ same tokens) before the stage succeeds. MACs for one sequence of `max_length` to
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -49,46 +50,48 @@ SUPPORTED = (*BERT_FAMILY, "distilbert", *DECODERS)
 
 
 class Layout:
-    """Where the parts live in one architecture family, and the config keys that size them."""
+    """Where the parts live in one architecture family (dotted paths from the base model and
+    from each layer), and the config keys that size them."""
 
     decoder = False
     layers_key = "num_hidden_layers"
     heads_key = "num_attention_heads"
     ffn_key = "intermediate_size"
+    layers_path = ""
+    attention_paths: tuple[str, str, str, str] = ("", "", "", "")  # q, k, v, output
+    up_path = ""  # the linear whose output channels are the FFN width
+    down_path = ""  # the linear whose input is the activated FFN channels
+    block_path: str | None = None  # the whole FFN, taking hidden states (None: graph the model)
 
     def __init__(self, model: Any) -> None:
         self.model = model
 
     @property
     def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return attrgetter(self.layers_path)(self.model.base_model)
 
     def _replace_layers(self, layers: list[nn.Module]) -> None:
-        raise NotImplementedError
+        parent, _, name = self.layers_path.rpartition(".")
+        owner = attrgetter(parent)(self.model.base_model) if parent else self.model.base_model
+        setattr(owner, name, nn.ModuleList(layers))
 
     def keep_layers(self, keep: list[int]) -> None:
         """Keep only the layers at these (current) indices and make the config say so."""
         self._replace_layers([self.layers[i] for i in keep])
         setattr(self.model.config, self.layers_key, len(keep))
 
-    @staticmethod
-    def attention(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        raise NotImplementedError
+    def attention(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        q, k, v, o = (attrgetter(p)(layer) for p in self.attention_paths)
+        return q, k, v, o
 
-    @staticmethod
-    def ffn_up(layer: nn.Module) -> nn.Linear:
-        """The linear whose output channels are the FFN width."""
-        raise NotImplementedError
+    def ffn_up(self, layer: nn.Module) -> nn.Linear:
+        return attrgetter(self.up_path)(layer)
 
-    @staticmethod
-    def ffn_down(layer: nn.Module) -> nn.Linear:
-        """The linear whose input is the activated FFN channels."""
-        raise NotImplementedError
+    def ffn_down(self, layer: nn.Module) -> nn.Linear:
+        return attrgetter(self.down_path)(layer)
 
-    @staticmethod
-    def ffn_block(layer: nn.Module) -> nn.Module | None:
-        """A module holding the whole FFN, taking hidden states (None: graph the whole model)."""
-        return None
+    def ffn_block(self, layer: nn.Module) -> nn.Module | None:
+        return attrgetter(self.block_path)(layer) if self.block_path else None
 
     def shape(self) -> dict[str, Any]:
         c = self.model.config
@@ -104,12 +107,8 @@ class EncoderLayout(Layout):
 
     def heads_left(self, layer: nn.Module, total: int) -> list[int]:
         """Original indices of the heads still present, in their current order."""
-        gone = {int(h) for h in self._attention_module(layer).pruned_heads}
+        gone = {int(h) for h in layer.attention.pruned_heads}
         return [h for h in range(total) if h not in gone]
-
-    @staticmethod
-    def _attention_module(layer: nn.Module) -> nn.Module:
-        raise NotImplementedError
 
     def heads_per_layer(self) -> list[int]:
         total = getattr(self.model.config, self.heads_key)
@@ -122,78 +121,34 @@ class EncoderLayout(Layout):
 
 
 class BertLayout(EncoderLayout):
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.base_model.encoder.layer
-
-    def _replace_layers(self, layers: list[nn.Module]) -> None:
-        self.model.base_model.encoder.layer = nn.ModuleList(layers)
-
-    @staticmethod
-    def _attention_module(layer: nn.Module) -> nn.Module:
-        return layer.attention
-
-    @staticmethod
-    def attention(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        s = layer.attention.self
-        return s.query, s.key, s.value, layer.attention.output.dense
-
-    @staticmethod
-    def ffn_up(layer: nn.Module) -> nn.Linear:
-        return layer.intermediate.dense
-
-    @staticmethod
-    def ffn_down(layer: nn.Module) -> nn.Linear:
-        return layer.output.dense
+    layers_path = "encoder.layer"
+    attention_paths = ("attention.self.query", "attention.self.key", "attention.self.value",
+                       "attention.output.dense")
+    up_path, down_path = "intermediate.dense", "output.dense"
 
 
 class DistilBertLayout(EncoderLayout):
     layers_key = "n_layers"
     heads_key = "n_heads"
     ffn_key = "hidden_dim"
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.base_model.transformer.layer
+    layers_path = "transformer.layer"
+    attention_paths = ("attention.q_lin", "attention.k_lin", "attention.v_lin",
+                       "attention.out_lin")
+    up_path, down_path, block_path = "ffn.lin1", "ffn.lin2", "ffn"
 
     def _replace_layers(self, layers: list[nn.Module]) -> None:
-        t = self.model.base_model.transformer
-        t.layer = nn.ModuleList(layers)
-        t.n_layers = len(layers)
-
-    @staticmethod
-    def _attention_module(layer: nn.Module) -> nn.Module:
-        return layer.attention
-
-    @staticmethod
-    def attention(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        a = layer.attention
-        return a.q_lin, a.k_lin, a.v_lin, a.out_lin
-
-    @staticmethod
-    def ffn_up(layer: nn.Module) -> nn.Linear:
-        return layer.ffn.lin1
-
-    @staticmethod
-    def ffn_down(layer: nn.Module) -> nn.Linear:
-        return layer.ffn.lin2
-
-    @staticmethod
-    def ffn_block(layer: nn.Module) -> nn.Module:
-        return layer.ffn
+        super()._replace_layers(layers)
+        self.model.base_model.transformer.n_layers = len(layers)
 
 
 class DecoderLayout(Layout):
     """Llama-family decoders: GQA attention sliced by key/value group, gated MLP."""
 
     decoder = True
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.base_model.layers
-
-    def _replace_layers(self, layers: list[nn.Module]) -> None:
-        self.model.base_model.layers = nn.ModuleList(layers)
+    layers_path = "layers"
+    attention_paths = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.o_proj")
+    up_path, down_path, block_path = "mlp.up_proj", "mlp.down_proj", "mlp"
 
     def keep_layers(self, keep: list[int]) -> None:
         super().keep_layers(keep)
@@ -209,23 +164,6 @@ class DecoderLayout(Layout):
     def head_dim(self) -> int:
         c = self.model.config
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-    @staticmethod
-    def attention(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-        a = layer.self_attn
-        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
-
-    @staticmethod
-    def ffn_up(layer: nn.Module) -> nn.Linear:
-        return layer.mlp.up_proj
-
-    @staticmethod
-    def ffn_down(layer: nn.Module) -> nn.Linear:
-        return layer.mlp.down_proj
-
-    @staticmethod
-    def ffn_block(layer: nn.Module) -> nn.Module:
-        return layer.mlp
 
     def heads_per_layer(self) -> list[int]:
         return [self.attention(layer)[0].out_features // self.head_dim for layer in self.layers]
@@ -287,6 +225,14 @@ def _mean_abs_inputs(model: Any, lay: Layout, batches: list[dict[str, Any]],
         return pre
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
+    tokens = _hooked_pass(model, lay, batches, handles, state)
+    return [(s / max(tokens, 1.0)).float() for s in sums]
+
+
+def _hooked_pass(model: Any, lay: Layout, batches: list[dict[str, Any]], handles: list,
+                 state: dict) -> float:
+    """Run the calibration batches through hooks (removed afterwards), keeping each batch's
+    token mask in state["mask"] for them; returns the number of real tokens seen."""
     tokens = 0.0
     try:
         with torch.inference_mode():
@@ -297,7 +243,7 @@ def _mean_abs_inputs(model: Any, lay: Layout, batches: list[dict[str, Any]],
     finally:
         for h in handles:
             h.remove()
-    return [(s / max(tokens, 1.0)).float() for s in sums]
+    return tokens
 
 
 def _layer_scores(model: Any, lay: Layout, batches: list[dict[str, Any]], kind: str
@@ -329,16 +275,7 @@ def _layer_scores(model: Any, lay: Layout, batches: list[dict[str, Any]], kind: 
     for i, layer in enumerate(lay.layers):
         handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
-    tokens = 0.0
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                state["mask"] = _token_mask(batch)
-                tokens += float(state["mask"].sum())
-                model(**_forward_inputs(batch, lay))
-    finally:
-        for h in handles:
-            h.remove()
+    tokens = _hooked_pass(model, lay, batches, handles, state)
     return [float(s) / max(tokens, 1.0) for s in sums]
 
 

@@ -8,38 +8,23 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import api, free_port
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, body: dict | None = None) -> object:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
@@ -50,7 +35,7 @@ def server(tmp_path_factory):
     deadline = time.monotonic() + 120
     while True:
         try:
-            _get(f"{url}/health")
+            api(f"{url}/health")
             break
         except OSError:
             assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
@@ -73,7 +58,7 @@ def test_serve_submit_and_read_the_card_through_the_api(server, write_recipe, tm
         deadline = time.monotonic() + 120
         while True:
             try:
-                dep = _get(f"{url}/deployments/name/compress-nightly/tiny")
+                dep = api(f"{url}/deployments/name/compress-nightly/tiny")
                 break
             except OSError:
                 assert served.poll() is None and time.monotonic() < deadline, "not served"
@@ -86,7 +71,7 @@ def test_serve_submit_and_read_the_card_through_the_api(server, write_recipe, tm
     finally:
         os.killpg(served.pid, signal.SIGTERM)
         served.wait(timeout=30)
-    arts = _get(f"{url}/artifacts/filter",
+    arts = api(f"{url}/artifacts/filter",
                 {"artifacts": {"key": {"any_": ["tiny-report-card"]}}, "limit": 5,
                  "sort": "CREATED_DESC"})
     assert arts and arts[0]["type"] == "table"

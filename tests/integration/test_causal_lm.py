@@ -12,6 +12,7 @@ import yaml
 from compress.errors import RecipeError
 from compress.pipeline import make_plan, run_stage
 from compress.recipe import load_recipe
+from compress.testing import run_stages as run_all
 
 pytestmark = pytest.mark.integration
 
@@ -39,15 +40,6 @@ def lm_recipe(tmp_path, lm_assets, stages, *, model="student", name="lm.yaml", *
     p = tmp_path / name
     p.write_text(yaml.safe_dump(raw))
     return p
-
-
-def run_all(path):
-    plan = make_plan(load_recipe(path))
-    ref, cards = plan.source, []
-    for s in plan.stages:
-        cards.append(run_stage(plan, s.index, ref))
-        ref = cards[-1].model
-    return plan, cards
 
 
 def teach(lm_assets, **distill):

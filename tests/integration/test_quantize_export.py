@@ -20,6 +20,7 @@ from compress.pipeline import make_plan, run_stage
 from compress.recipe import STAGE_CONFIGS, load_recipe
 from compress.stages import StageContext, registry
 from compress.stages.export import SESSION_FILE, greedy, ort_causal_lm
+from compress.testing import run_stages as run_all
 from tests.conftest import recipe_dict
 
 pytestmark = pytest.mark.integration
@@ -168,15 +169,6 @@ def test_lm_static_int8_calibrates_with_empty_cache(lm_export, tmp_path, tiny_ll
 
 
 # ----------------------------------------------------------------------------- classifier
-
-
-def run_all(path):
-    plan = make_plan(load_recipe(path))
-    ref, cards = plan.source, []
-    for s in plan.stages:
-        cards.append(run_stage(plan, s.index, ref))
-        ref = cards[-1].model
-    return plan, cards
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])

@@ -11,17 +11,9 @@ from compress.artifact import read_ref
 from compress.errors import StageError
 from compress.pipeline import make_plan, run_stage
 from compress.recipe import load_recipe
+from compress.testing import run_stages as run_all
 
 pytestmark = pytest.mark.integration
-
-
-def run_all(path):
-    plan = make_plan(load_recipe(path))
-    ref, cards = plan.source, []
-    for s in plan.stages:
-        cards.append(run_stage(plan, s.index, ref))
-        ref = cards[-1].model
-    return plan, cards
 
 
 def heads_of(model) -> list[int]:
