@@ -184,6 +184,9 @@ def diagnose_quantize(onnx_path: Path, cfg: Any, data: Any, tokenizer: Any, *, s
     from onnxruntime.quantization import quantize_dynamic
 
     t0 = time.perf_counter()
+    if data.causal_lm:
+        raise CompressError("diagnose: layer-by-layer probing covers classifiers; a causal LM's "
+                            "per-layer perplexity probes are not built yet")
     if getattr(cfg, "method", "dynamic") != "dynamic":
         raise CompressError(f"diagnose: quantize method {cfg.method!r} is not supported (only "
                             "dynamic INT8 can be probed layer by layer without calibration)")
@@ -271,6 +274,10 @@ def _drop(before: Any, after: Any) -> float:
     return before.value - after.value
 
 
+def _fmt_drop(metrics: Any, d: float) -> str:
+    return f"perplexity {d:+.1%}" if metrics.metric == "perplexity" else f"-{d:.2f} points"
+
+
 def pick_stage(plan: Plan) -> int:
     """The stage whose output lost the most against its own input (metrics from the cache)."""
     from compress.pipeline import _evaluate
@@ -351,17 +358,28 @@ def _on_gate_failure(plan: Plan, report: RunReport) -> dict[str, Any] | None:
     cards = {c.index: c for c in report.stages}
     if report.reference is not None:
         cards.setdefault(plan.reference_index, report.reference)
-    best, worst = None, 0.0
+    drops = []
     for ps in plan.stages:
         before = cards.get(ps.index - 1) if ps.index else cards.get(None)
         after = cards.get(ps.index)
         if before is None or after is None or ps.index == plan.reference_index:
             continue
         d = _drop(before.metrics, after.metrics)
-        if d > worst:
-            best, worst = ps, d
-    if best is None:
+        if d > 0:
+            drops.append((d, ps))
+    if not drops:
         return None
+    drops.sort(key=lambda x: -x[0])
+    probed = [(d, ps) for d, ps in drops if ps.kind == "quantize"
+              and ps.config.get("method", "dynamic") == "dynamic"]
+    if not probed:  # say where the loss is, and that it cannot be probed layer by layer
+        d, ps = drops[0]
+        return Diagnosis(stage=ps.name, stage_index=ps.index, kind=ps.kind, method="",
+                         metric="", error=f"the stage that lost the most is stages[{ps.index}] "
+                         f"({ps.name}, {_fmt_drop(cards[ps.index].metrics, d)}); layer-by-layer "
+                         "diagnosis covers dynamic INT8 quantize stages only"
+                         ).model_dump(mode="json")
+    best = probed[0][1]
     try:
         return diagnose(plan, best.index).model_dump(mode="json")
     except Exception as e:  # noqa: BLE001 - the gate failure is the story; this is a footnote
@@ -379,7 +397,7 @@ def markdown_lines(d: dict[str, Any] | Diagnosis) -> list[str]:
     dg = d if isinstance(d, Diagnosis) else Diagnosis.model_validate(d)
     lines = [f"## Diagnosis: stages[{dg.stage_index}] ({dg.stage})", ""]
     if dg.error:
-        return [*lines, f"Diagnosis failed: {dg.error}", ""]
+        return [*lines, f"No layer-by-layer diagnosis: {dg.error}", ""]
     cls = dg.baseline is not None
     lines.append(f"Each layer group quantized alone (dynamic INT8), {dg.samples} eval examples, "
                  f"ranked by {dg.method}" + (" then output error" if dg.method == "accuracy"
@@ -406,7 +424,7 @@ def html_section(d: dict[str, Any]) -> str:
     dg = Diagnosis.model_validate(d)
     head = f"<h2>Diagnosis: stages[{dg.stage_index}] ({escape(dg.stage)})</h2>"
     if dg.error:
-        return f'{head}<p class="err">Diagnosis failed: {escape(dg.error)}</p>'
+        return f'{head}<p class="err">No layer-by-layer diagnosis: {escape(dg.error)}</p>'
     cls = dg.baseline is not None
     cols = ["#", "layer group", "nodes"] + (["accuracy (Δ)"] if cls else []) + ["output KL"]
     rows = []

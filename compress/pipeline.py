@@ -151,10 +151,12 @@ def make_plan(recipe: Recipe) -> Plan:
         parent = ps.hash
     reference_hash = stages[ref_index].hash if ref_index is not None else source.hash
     ref_onnx = None
-    if recipe.evaluation.reference_onnx and any(s.kind == "export" for s in stages):
+    export = next((st for st in recipe.stages if st.kind == "export"), None)
+    if recipe.evaluation.reference_onnx and export is not None:
+        # exported exactly as the recipe exports its own model (opset, parity tolerance)
+        cfg = ExportConfig.model_validate(export.model_dump(exclude={"name"}))
         ref_onnx = _plan_stage(-1, "reference (onnx fp32)", "export",
-                               ExportConfig().model_dump(mode="json"),
-                               reference_hash, root, None)
+                               cfg.model_dump(mode="json"), reference_hash, root, None)
     threads = recipe.evaluation.latency.threads or default_threads()
     eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
                                cpu_info()["model"], threads)

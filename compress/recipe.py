@@ -249,6 +249,8 @@ class QuantizeConfig(_Stage):
     optimization_level: Literal["disabled", "basic", "extended", "all"] = Field(
         "basic", description="ONNX Runtime graph optimizations applied when the model runs.")
     block_size: int = Field(32, ge=16, description="INT4: weights per scale (a power of 2).")
+    symmetric: bool = Field(False, description="INT4: symmetric blocks (no zero point); "
+                            "asymmetric keeps more of small models' quality.")
 
     @field_validator("block_size")
     @classmethod

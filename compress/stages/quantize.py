@@ -295,12 +295,13 @@ def _int4(ref: ModelRef, cfg: QuantizeConfig, excluded: list[str], external: boo
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(ref.onnx_path))  # with external data: the weights are what we quantize
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=True,
-                             nodes_to_exclude=excluded)
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size,
+                             is_symmetric=cfg.symmetric, nodes_to_exclude=excluded)
     q.process()
     written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int4.onnx"
     q.model.save_model_to_file(str(out / written), use_external_data_format=external)
-    return written, {"weights": f"int4 (symmetric, block {cfg.block_size})", "calibration": None,
+    kind = "symmetric" if cfg.symmetric else "asymmetric"
+    return written, {"weights": f"int4 ({kind}, block {cfg.block_size})", "calibration": None,
                      "activations": "float (weight-only)", "block_size": cfg.block_size}
 
 

@@ -139,7 +139,7 @@ def test_a_broken_diagnosis_never_hides_the_gate_failure(quantized, tmp_path, mo
         execute(plan, tmp_path / "reports", run_id="r2")
     rep = json.loads((tmp_path / "reports" / "tiny" / "r2" / "report.json").read_text())
     assert rep["diagnosis"]["error"] == "RuntimeError: probe exploded"
-    assert "Diagnosis failed: RuntimeError: probe exploded" in \
+    assert "No layer-by-layer diagnosis: RuntimeError: probe exploded" in \
         (tmp_path / "reports" / "tiny" / "r2" / "report.md").read_text()
 
 
