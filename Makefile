@@ -38,7 +38,7 @@ assets/smollm2/config.json: $(STAMP)
 demo-lm: $(STAMP) assets/smollm2/config.json
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-smollm2.yaml
 
-test: $(STAMP) assets/movie-snippets.csv
+test: $(STAMP) assets/movie-snippets.csv assets/smollm2/config.json
 	PREFECT_HOME=$(CURDIR)/.prefect/test $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

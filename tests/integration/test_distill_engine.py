@@ -119,3 +119,17 @@ def test_gradual_rounds_of_prune_and_distill(write_recipe, tmp_path):
     params = [c.metrics.parameters for c in report.stages]
     assert params == sorted(params, reverse=True) and len(report.stages) == 6
     assert not any(c.warnings for c in report.stages)  # each step removes well under a third
+
+
+def test_compiled_student_trains_like_the_eager_one(write_recipe, tmp_path):
+    """torch.compile is an option that changes speed, not results."""
+    runs = {}
+    for compiled in (False, True):
+        stage = {"kind": "finetune", "max_steps": 4, "batch_size": 8, "compile": compiled}
+        plan = make_plan(load_recipe(write_recipe([stage], f"c{compiled}.yaml",
+                                                  output_root=str(tmp_path / str(compiled)))))
+        runs[compiled] = run_stage(plan, 0, plan.source).info["training"]
+    assert runs[True]["compiled"] and not runs[False]["compiled"]
+    for (s1, a), (s2, b) in zip(runs[False]["loss_curve"], runs[True]["loss_curve"],
+                                strict=True):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-3, abs=1e-4)
