@@ -15,7 +15,6 @@ Usage: python benchmarks/edge.py [recipes/demo-sentiment.yaml]
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,27 +27,20 @@ def build(plan: Any, data: Any, name: str, kind: str, config: Any, parent: Any,
           reference: Any, root: Path) -> Any:
     """One variant (an export or quantize stage applied outside the recipe), kept under `root`
     by content id like pipeline outputs, so a second run reuses it."""
-    from compress.artifact import ModelRef, read_ref, stage_hash, staging_dir, write_ref
-    from compress.stages import StageContext, registry
+    from compress.artifact import read_ref, stage_hash
+    from compress.pipeline import build_output, uses_data
+    from compress.stages import StageContext
 
     cfg_json = config.model_dump(mode="json")
-    h = stage_hash(parent.hash, kind, cfg_json, data.fingerprint if kind == "quantize" else None)
+    h = stage_hash(parent.hash, kind, cfg_json,
+                   data.fingerprint if uses_data(kind, cfg_json) else None)
     out = root / f"{name}-{h[:12]}"
     done = read_ref(out)
     if done is not None:
         return done
     ctx = StageContext(recipe=plan.recipe, data=data, reference=reference,
                        work_dir=root / "work" / out.name)
-    with staging_dir(out) as tmp:
-        info = registry()[kind](parent, config, ctx, tmp)
-        onnx_file = info.pop("onnx_file", None)
-        (tmp / "stage_info.json").write_text(json.dumps(info, indent=2, default=str))
-        write_ref(tmp, ModelRef(path=str(out), format="onnx", task=parent.task, hash=h,
-                                stage=kind, parent=parent.hash, config=cfg_json,
-                                onnx_file=onnx_file))
-    ref = read_ref(out)
-    assert ref is not None
-    return ref
+    return build_output(kind, cfg_json, h, parent, ctx, out)
 
 
 def variants(plan: Any, data: Any, teacher: Any, final: Any, root: Path,

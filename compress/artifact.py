@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from compress.errors import RecipeError
 
 LINEAGE_FILE = "lineage.json"
+INFO_FILE = "stage_info.json"  # what a stage reports about its output (for its card)
 ONNX_FILE = "model.onnx"
 
 

@@ -89,7 +89,7 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
         ) -> None:
     """Run a recipe: every stage, a report card after each, gates at the end."""
-    from compress.models import is_main_process
+    from compress.models import is_distributed, is_main_process
     from compress.pipeline import execute, follow, report_folder
     from compress.report import read_report
 
@@ -101,7 +101,7 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         out.print(line, highlight=False, soft_wrap=True)
     reports_dir = reports_dir.resolve()
     try:
-        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun: always local
+        distributed = is_distributed()  # torchrun/accelerate launch: always local
         if distributed and not is_main_process():  # rank 0 does everything but train
             follow(plan)
             return

@@ -183,22 +183,18 @@ def load_task_data(spec: DataSpec, num_labels: int | None = None,
         raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows")
     if lm:
         n, names = 0, None
-        if ev is None:
-            if len(train) < 4:
-                raise RecipeError(f"data: {len(train)} rows are too few to split off an eval "
-                                  "set")
-            cut = len(train) - max(1, round(len(train) * spec.eval_fraction))
-            train, ev = train.select(range(cut)), train.select(range(cut, len(train)))
     else:
         train, ev, n, names = _labels(train, ev, num_labels)
-    if lm:
-        pass  # text stays in order: blocks are cut from consecutive rows
-    elif ev is None:
+    if ev is None:
         if len(train) < 4:
             raise RecipeError(f"data: {len(train)} rows are too few to split off an eval set")
-        parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)
-        train, ev = parts["train"], parts["test"]
-    else:
+        if lm:  # the tail: blocks are cut from consecutive rows, neighbours stay together
+            cut = len(train) - max(1, round(len(train) * spec.eval_fraction))
+            train, ev = train.select(range(cut)), train.select(range(cut, len(train)))
+        else:
+            parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)
+            train, ev = parts["train"], parts["test"]
+    elif not lm:
         train = train.shuffle(seed=spec.seed)
     if len(ev) == 0:
         raise RecipeError("data: the eval split is empty")
@@ -231,8 +227,8 @@ def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
 
 
 def encode_lm(ds: Any, tokenizer: Any, block: int) -> Any:
-    """Causal-LM text: tokenize, join rows (eos between documents, a newline between lines),
-    cut into full blocks of `block` tokens; labels are the inputs (the model shifts them).
+    """Causal-LM text: tokenize, join the rows with a newline (eos if the tokenizer has no
+    newline token), cut into full blocks of `block` tokens; labels are the inputs.
 
     A remainder shorter than a block is dropped, except that text shorter than one block makes
     one short block, so a tiny eval split still yields something to score.
@@ -255,8 +251,7 @@ def calibration_batches(data: TaskData, tokenizer: Any, n: int, batch_size: int 
                         ) -> list[dict[str, Any]]:
     """Up to `n` training examples (blocks, for an LM) as model-ready tensor batches, labels
     included (Taylor importance needs a loss). The same rows every call."""
-    rows = data.train.select(range(min(len(data.train), n if not data.causal_lm else
-                                       len(data.train))))
+    rows = data.train if data.causal_lm else data.train.select(range(min(n, len(data.train))))
     enc = encode(rows, tokenizer, data.spec.max_length)
     enc = enc.select(range(min(n, len(enc))))
     return list(loader(enc, tokenizer, batch_size))

@@ -278,28 +278,32 @@ def _fmt_drop(metrics: Any, d: float) -> str:
     return f"perplexity {d:+.1%}" if metrics.metric == "perplexity" else f"-{d:.2f} points"
 
 
+def _drops(plan: Plan, metrics_at: Any) -> list[tuple[float, Any]]:
+    """How much each stage lost against its input, worst first. `metrics_at(index)` gives the
+    metrics of that stage's output (None: the source model), or None when they are unknown."""
+    out = []
+    for ps in plan.stages:
+        if ps.index == plan.reference_index:
+            continue
+        before, after = metrics_at(ps.index - 1 if ps.index else None), metrics_at(ps.index)
+        if before is not None and after is not None:
+            out.append((_drop(before, after), ps))
+    return sorted(out, key=lambda x: -x[0])
+
+
 def pick_stage(plan: Plan) -> int:
     """The stage whose output lost the most against its own input (metrics from the cache)."""
     from compress.pipeline import _evaluate
 
-    best, worst = None, -float("inf")
-    prev = plan.source
-    prev_metrics = None
-    for ps in plan.stages:
-        ref = _ref(ps)
-        if ref is None:
-            break
-        metrics = _evaluate(plan, ref)
-        if prev_metrics is None:
-            prev_metrics = _evaluate(plan, prev)
-        d = _drop(prev_metrics, metrics)
-        if d > worst and ps.index != plan.reference_index:
-            best, worst = ps.index, d
-        prev, prev_metrics = ref, metrics
-    if best is None:
+    def metrics_at(index: int | None) -> Any:
+        ref = plan.source if index is None else _ref(plan.stages[index])
+        return None if ref is None else _evaluate(plan, ref)
+
+    drops = _drops(plan, metrics_at)
+    if not drops:
         raise CompressError(f"diagnose: no stage of {plan.recipe.name!r} has an output yet: "
                             "run the recipe first")
-    return best
+    return drops[0][1].index
 
 
 def _ref(ps: Any) -> Any:
@@ -358,18 +362,10 @@ def _on_gate_failure(plan: Plan, report: RunReport) -> dict[str, Any] | None:
     cards = {c.index: c for c in report.stages}
     if report.reference is not None:
         cards.setdefault(plan.reference_index, report.reference)
-    drops = []
-    for ps in plan.stages:
-        before = cards.get(ps.index - 1) if ps.index else cards.get(None)
-        after = cards.get(ps.index)
-        if before is None or after is None or ps.index == plan.reference_index:
-            continue
-        d = _drop(before.metrics, after.metrics)
-        if d > 0:
-            drops.append((d, ps))
+    drops = [(d, ps) for d, ps in _drops(plan, lambda i: cards[i].metrics if i in cards
+                                         else None) if d > 0]
     if not drops:
         return None
-    drops.sort(key=lambda x: -x[0])
     probed = [(d, ps) for d, ps in drops if ps.kind == "quantize"
               and ps.config.get("method", "dynamic") == "dynamic"]
     if not probed:  # say where the loss is, and that it cannot be probed layer by layer

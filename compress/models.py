@@ -85,9 +85,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def is_distributed() -> bool:
+    """Started by torchrun/`accelerate launch` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def wait_for_everyone() -> None:
     """A barrier across the ranks of a distributed launch; nothing in a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if is_distributed():
         import torch
         from accelerate import PartialState
 

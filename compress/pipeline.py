@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from compress.artifact import (
+    INFO_FILE,
     ModelRef,
     atomic_write_text,
     canonical_hash,
@@ -46,7 +47,6 @@ from compress.report import (
     write_report,
 )
 
-INFO_FILE = "stage_info.json"
 OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
                  "quantize": "onnx", "bnb": "hf"}
 USES_DATA = {"finetune", "prune", "distill"}  # prune: taylor/activation importance reads data
@@ -223,7 +223,6 @@ def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> Any:
 def run_stage(plan: Plan, index: int, input_ref: ModelRef,
               progress: Progress | None = None) -> StageCard:
     """Run one stage (or find it done), then evaluate its output. The input is never touched."""
-    from compress.stages import registry
 
     ps = plan.reference_onnx if index == -1 else plan.stages[index]
     assert ps is not None
@@ -231,23 +230,8 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
     if ps.kind in TRAINING:
         wait_for_everyone()  # the other ranks (if any) train this stage with us: see follow()
     reused = ps.done()
-    if not reused:
-        sweep_stale_temps(out.parent)
-        cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
-        ctx = _context(plan, ps, progress)
-        work = ctx.work_dir
-        t0 = time.perf_counter()
-        with staging_dir(out) as tmp:
-            info = registry()[ps.kind](input_ref, cfg, ctx, tmp)
-            info["seconds"] = round(time.perf_counter() - t0, 2)
-            onnx_file = info.pop("onnx_file", None)
-            atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
-            write_ref(tmp, ModelRef(path=str(out), format=OUTPUT_FORMAT[ps.kind],
-                                    task=input_ref.task, hash=ps.hash, stage=ps.kind,
-                                    parent=input_ref.hash, config=ps.config,
-                                    onnx_file=onnx_file))
-        shutil.rmtree(work, ignore_errors=True)  # checkpoints are only for unfinished work
-    ref = read_ref(out)
+    ref = read_ref(out) if reused else build_output(ps.kind, ps.config, ps.hash, input_ref,
+                                                    _context(plan, ps, progress), out)
     assert ref is not None
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
     warnings = info.pop("warnings", [])
@@ -256,13 +240,34 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
                      seconds=info.get("seconds", 0.0), warnings=warnings)
 
 
+def build_output(kind: str, config: dict[str, Any], h: str, input_ref: ModelRef, ctx: Any,
+                 out: Path) -> ModelRef:
+    """Apply one stage into a staging folder, with its card facts and lineage, renamed to `out`
+    only once complete; the stage's checkpoints go once it has succeeded."""
+    from compress.stages import registry
+
+    sweep_stale_temps(out.parent)
+    t0 = time.perf_counter()
+    with staging_dir(out) as tmp:
+        info = registry()[kind](input_ref, STAGE_CONFIGS[kind].model_validate(config), ctx, tmp)
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        onnx_file = info.pop("onnx_file", None)
+        atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
+        write_ref(tmp, ModelRef(path=str(out), format=OUTPUT_FORMAT[kind], task=input_ref.task,
+                                hash=h, stage=kind, parent=input_ref.hash, config=config,
+                                onnx_file=onnx_file))
+    if ctx.work_dir is not None:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    ref = read_ref(out)
+    assert ref is not None
+    return ref
+
+
 def follow(plan: Plan) -> None:
     """What ranks other than 0 do under `torchrun`/`accelerate launch`: train their share of
     every training stage rank 0 runs, and nothing else (rank 0 prunes, exports, evaluates and
     writes every file). Each training stage starts with a barrier, after which rank 0's output
     of the stage before it is on disk to read."""
-    import tempfile
-
     from compress.stages import registry
 
     for ps in plan.stages:

@@ -181,7 +181,7 @@ def render_markdown(report: RunReport) -> str:
             tokens = f", {tr['tokens_per_s']} tokens/s" if tr.get("tokens_per_s") else ""
             notes.append(f"- {c.name}: {tr['steps']} steps, final loss {tr['final_loss']}, "
                          f"{tr['samples_per_s']} samples/s{tokens} on {tr['device']} "
-                         f"({'fp32' if tr['precision'] == 'no' else tr['precision']}, "
+                         f"({tr['precision']}, "
                          f"{tr.get('processes', 1)} process(es))")
         if c.kind == "prune":
             b, a = c.info["before"], c.info["after"]

@@ -26,6 +26,7 @@ LossFn = Callable[[Any, Any, torch.Tensor, dict], torch.Tensor]
 
 
 def _precision(cfg: _Training) -> str:
+    """accelerate's mixed_precision value: "bf16", or "no" (fp32)."""
     if cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available()):
         return "bf16"
     return "no"
@@ -37,36 +38,21 @@ def encode_indexed(data: TaskData, tokenizer: Any) -> Any:
     return enc.add_column("idx", list(range(len(enc))))
 
 
-def _evaluator(model: Any, tokenizer: Any, data: TaskData, spec: Any, device: Any
+def _evaluator(model: Any, tokenizer: Any, data: TaskData, spec: Any, batch_size: int
                ) -> Callable[[], float]:
-    """Early stopping's score on a fixed eval subset, higher is better (accuracy, or -ppl)."""
-    import numpy as np
-
-    enc = encode(data.eval, tokenizer, data.spec.max_length)
-    enc = enc.select(range(min(spec.max_samples, len(enc))))
-    lm = data.causal_lm
+    """Early stopping's score on a fixed eval subset, higher is better: the card's own metric
+    (accuracy, or minus perplexity), computed the way evaluation computes it."""
+    from compress.evaluate import TorchPredictor, accuracy, perplexity
 
     def score() -> float:
         was_training = model.training
-        model.eval()
-        good = total = 0.0
-        with torch.inference_mode():
-            for batch in loader(enc, tokenizer, 32):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float()
-                if lm:
-                    from compress.losses import hard_label_loss, shift_for_causal_lm
-
-                    lg, y, m = shift_for_causal_lm(logits, labels, batch["attention_mask"])
-                    n = int(m.sum())
-                    good -= float(hard_label_loss(lg, y.masked_fill(~m, -100))) * n
-                    total += n
-                else:
-                    good += float((logits.argmax(-1) == labels).sum())
-                    total += len(labels)
-        model.train(was_training)
-        return float(-np.exp(-good / total)) if lm else 100.0 * good / max(total, 1)
+        try:  # the predictor puts the model in eval mode; training resumes in train mode
+            pred = TorchPredictor(model, torch.get_num_threads())
+            if data.causal_lm:
+                return -perplexity(pred, data, tokenizer, batch_size, spec.max_samples)[0]
+            return accuracy(pred, data, tokenizer, batch_size, spec.max_samples)[0]
+        finally:
+            model.train(was_training)
 
     return score
 
@@ -110,7 +96,7 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
     forward = torch.compile(model) if cfg.compile else model
     teachers = [t.to(acc.device).eval().requires_grad_(False) for t in teachers]
     score = _evaluator(acc.unwrap_model(model), tokenizer, data, cfg.early_stopping,
-                       acc.device) if cfg.early_stopping else None
+                       cfg.batch_size) if cfg.early_stopping else None
 
     def trainable() -> torch.nn.Module:  # what a checkpoint holds
         return torch.nn.ModuleDict({"model": acc.unwrap_model(model), "extra": extra})
@@ -204,7 +190,8 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
         "seconds": round(seconds, 2),
         "samples_per_s": round(samples * acc.num_processes / per_s, 2),
         "final_loss": round(sum(tail) / len(tail), 5),
-        "loss_curve": [(int(s), round(v, 5)) for s, v in curve], "precision": _precision(cfg),
+        "loss_curve": [(int(s), round(v, 5)) for s, v in curve],
+        "precision": "bf16" if _precision(cfg) == "bf16" else "fp32",
         "device": str(acc.device), "processes": acc.num_processes,
         "gradient_accumulation": accum, "compiled": cfg.compile,
         "teacher": "cached top-k" if teacher_cache is not None

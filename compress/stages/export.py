@@ -18,7 +18,7 @@ import numpy as np
 
 from compress.artifact import ONNX_FILE, ModelRef
 from compress.errors import StageError
-from compress.evaluate import SESSION_FILE, ort_causal_lm, quiet, session_options  # noqa: F401
+from compress.evaluate import ort_causal_lm, quiet
 from compress.recipe import ExportConfig
 from compress.stages import StageContext
 
@@ -102,7 +102,8 @@ def _check_classifier(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: 
 
 
 def _ensure_side_files(src: Path, out: Path, tok: Any) -> None:
-    """Tokenizer, config and generation config next to the ONNX file (generate needs them)."""
+    """Tokenizer, config and generation config next to the ONNX file (generate needs them);
+    the tokenizer is saved afresh when the source (a hub id) has no such files here."""
     for name in SIDE_FILES:
         if (src / name).is_file() and not (out / name).exists():
             shutil.copy2(src / name, out / name)
@@ -121,10 +122,7 @@ def _check_causal_lm(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: P
     threads = default_threads()
     torch.set_num_threads(threads)
     tok = load_tokenizer(ref.path, trust_remote_code=trc)
-    if ref.dir.is_dir():
-        _ensure_side_files(ref.dir, out, tok)
-    elif not (out / "tokenizer_config.json").is_file():
-        tok.save_pretrained(out)
+    _ensure_side_files(ref.dir, out, tok)
     pt = load_model(ref.path, "causal-lm", trust_remote_code=trc)
     onnx_lm = ort_causal_lm(out, ONNX_FILE, threads)
 

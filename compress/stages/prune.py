@@ -487,38 +487,22 @@ def _prune_ffn(lay: Layout, cfg: PruneConfig, example: dict[str, torch.Tensor],
 
 # --- MACs --------------------------------------------------------------------------------------
 
-def _linear_macs(model: Any, inputs: dict[str, torch.Tensor]) -> int:
-    """MACs of every nn.Linear for these inputs (in * out per token), counted by hooks."""
-    total = [0]
-
-    def hook(mod: nn.Linear, args: tuple) -> None:
-        total[0] += args[0].numel() // mod.in_features * mod.in_features * mod.out_features
-
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Linear)]
-    try:
-        with torch.inference_mode():
-            model(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
-
-
 def _macs(model: Any, length: int) -> tuple[int, str]:
     """MACs for one sequence of `length` tokens: torch-pruning's counter, or (if it fails for an
     architecture) the linear layers' MACs, which dominate a transformer's."""
-    inputs = {"input_ids": torch.ones(1, length, dtype=torch.long)}
+    ids = torch.ones(1, length, dtype=torch.long)
     try:
         import torch_pruning as tp
 
         with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model, example_inputs=(inputs["input_ids"],))
+            macs, _ = tp.utils.count_ops_and_params(model, example_inputs=(ids,))
         if macs > 0:
             return int(macs), "torch-pruning"
     except Exception:  # any architecture the counter cannot trace: fall back
         pass
-    return _linear_macs(model, inputs), "linear layers"
+    from compress.evaluate import linear_macs_per_token  # the card's own count
+
+    return linear_macs_per_token(model) * length, "linear layers"
 
 
 # --- checks ------------------------------------------------------------------------------------

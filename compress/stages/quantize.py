@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from compress.artifact import LINEAGE_FILE, ModelRef
+from compress.artifact import INFO_FILE, LINEAGE_FILE, ModelRef
 from compress.errors import StageError
+from compress.evaluate import SESSION_FILE, session_options
 from compress.recipe import QuantizeConfig
 from compress.stages import StageContext
-from compress.stages.export import SESSION_FILE
 
 # The CPU feature each preset's kernels are built for (names as in /proc/cpuinfo).
 TARGET_FLAG = {"avx512_vnni": "avx512_vnni", "avx512": "avx512f", "avx2": "avx2",
@@ -259,9 +259,7 @@ def _calibrate(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, qconfig: A
         calib = AutoCalibrationConfig.entropy(sample)
     else:
         calib = AutoCalibrationConfig.percentiles(sample, percentile=cfg.percentile)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    meta = ort.InferenceSession(str(ref.onnx_path), opts,
+    meta = ort.InferenceSession(str(ref.onnx_path), session_options(1),
                                 providers=["CPUExecutionProvider"]).get_inputs()
     feeds = calibration_feeds(ref, ctx, cfg.calibration_samples, lm, meta)
     if not feeds:
@@ -316,10 +314,8 @@ def _check_output(path: Path, method: str) -> None:
     if need - ops:
         raise StageError(f"quantize: the {method} model has no {' / '.join(sorted(need - ops))} "
                          "nodes: nothing was quantized (everything excluded?)")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise StageError(f"quantize: ONNX Runtime cannot load the quantized model: "
                          f"{str(e).strip().splitlines()[0][:300]}") from None
@@ -330,6 +326,6 @@ def _copy_side_files(ref: ModelRef, out: Path) -> None:
     onnx_names = {p.name for p in ref.dir.glob("*.onnx")}
     for f in ref.dir.iterdir():
         weights = f.suffix == ".onnx" or any(f.name.startswith(o) for o in onnx_names)
-        if f.is_file() and not weights and f.name != LINEAGE_FILE and f.name != "stage_info.json" \
+        if f.is_file() and not weights and f.name not in (LINEAGE_FILE, INFO_FILE) \
                 and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)

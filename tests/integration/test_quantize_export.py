@@ -16,10 +16,11 @@ import yaml
 
 from compress.artifact import ModelRef, read_ref
 from compress.errors import StageError
+from compress.evaluate import SESSION_FILE, ort_causal_lm
 from compress.pipeline import make_plan, run_stage
 from compress.recipe import STAGE_CONFIGS, load_recipe
 from compress.stages import StageContext, registry
-from compress.stages.export import SESSION_FILE, greedy, ort_causal_lm
+from compress.stages.export import greedy
 from compress.testing import run_stages as run_all
 from tests.conftest import recipe_dict
 
