@@ -149,6 +149,19 @@ def test_lm_int4_matmulnbits_keeps_lm_head_float(lm_export, tmp_path, tiny_llama
     check_lm_runs(ref)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_lm_int4_zero_points_only_when_asymmetric(lm_export, tmp_path, tiny_llama, lm_text,
+                                                  symmetric):
+    ref, info = quantize_lm(lm_export, tmp_path, tiny_llama, lm_text,
+                            {"method": "int4", "block_size": 16, "symmetric": symmetric})
+    assert info["quantization"]["weights"].startswith(
+        "int4 (symmetric" if symmetric else "int4 (asymmetric")
+    nbits = [n for n in onnx.load(str(ref.onnx_path)).graph.node if n.op_type == "MatMulNBits"]
+    # MatMulNBits inputs: A, B, scales[, zero_points]: asymmetric blocks carry a zero point
+    has_zp = [len(n.input) > 3 and bool(n.input[3]) for n in nbits]
+    assert has_zp and all(z != symmetric for z in has_zp)
+
+
 def test_lm_dynamic_int8_excludes_lm_head_and_embeddings(lm_export, tmp_path, tiny_llama,
                                                          lm_text):
     ref, info = quantize_lm(lm_export, tmp_path, tiny_llama, lm_text, {"method": "dynamic"})
