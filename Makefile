@@ -44,8 +44,11 @@ test: $(STAMP) assets/movie-snippets.csv assets/smollm2/config.json
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"
 
+# ruff, then the import contracts in pyproject.toml: one-way layers, no cycles (imports inside
+# functions count), no Prefect in the library.
 lint: $(STAMP)
 	$(BIN)/ruff check compress flows tests benchmarks
+	$(BIN)/lint-imports
 
 benchmark: $(STAMP) assets/movie-snippets.csv
 	$(BIN)/python benchmarks/demo.py

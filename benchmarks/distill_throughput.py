@@ -25,14 +25,13 @@ import torch
 
 from compress.assets import prepare, prepare_lm
 from compress.data import load_task_data
+from compress.distillation import CachedTeacher, LiveTeachers, build_teacher_cache, kd_loss
 from compress.measure import default_threads
 from compress.models import count_parameters, load_model, load_tokenizer
 from compress.pipeline import make_plan, run_stage
-from compress.recipe import DistillConfig, parse_recipe
-from compress.stages import StageContext
-from compress.stages.distill import build_teacher_cache, kd_loss
-from compress.stages.finetune import label_loss
-from compress.train import train
+from compress.recipe import parse_recipe
+from compress.stages.distill import DistillConfig
+from compress.train import LabelLoss, train
 
 
 def main() -> None:
@@ -72,22 +71,21 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     t0 = time.perf_counter()
-    ctx = StageContext(recipe=recipe, data=data, reference=plan.source)
     k = 32 if args.lm else 2
-    cache = build_teacher_cache(teacher.to(device), plan.source, tok, ctx, k, bs)
+    cache = build_teacher_cache(teacher.to(device), plan.source, tok, data, tmp, k, bs)
     build_s = time.perf_counter() - t0
 
     cfg = DistillConfig(max_steps=steps, batch_size=bs, alpha=0.5, temperature=2.0)
-    kd = kd_loss(cfg)  # exactly what the distill stage trains with
+    kd = kd_loss(cfg.terms())  # exactly what the distill stage trains with
     rows = {}
     s_params = t_params = 0
-    for name, loss, kw in (("(a) fine-tune, no teacher", label_loss, {}),
-                           ("(b) KD, live teacher", kd, {"teachers": [teacher]}),
-                           ("(c) KD, cached top-k", kd, {"teacher_cache": cache})):
+    for name, loss in (("(a) fine-tune, no teacher", LabelLoss()),
+                       ("(b) KD, live teacher", LiveTeachers([teacher], kd, {})),
+                       ("(c) KD, cached top-k", CachedTeacher(cache, kd))):
         student = load_model(student_ref.path, task, data.num_labels)
         s_params, t_params = count_parameters(student), count_parameters(teacher)
-        _, stats = train(student, tok, data, cfg, loss, desc=name[:3], **kw)
-        flops = 6 * s_params + (2 * t_params if "teachers" in kw else 0)
+        _, stats = train(student, tok, data, cfg, loss, desc=name[:3])
+        flops = 6 * s_params + (2 * t_params if isinstance(loss, LiveTeachers) else 0)
         rows[name] = (stats["samples_per_s"], stats.get("tokens_per_s"),
                       flops * stats.get("tokens_per_s", 0) / 1e12)
     base = rows["(a) fine-tune, no teacher"][0]

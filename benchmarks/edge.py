@@ -23,33 +23,32 @@ GOAL_SPEEDUP, GOAL_ACCURACY = 5.0, 97.0
 MISSING = "run `make demo` first: benchmarks/edge.py measures the demo's own models"
 
 
-def build(plan: Any, data: Any, name: str, kind: str, config: Any, parent: Any,
+def build(plan: Any, data: Any, name: str, config: Any, parent: Any,
           reference: Any, root: Path) -> Any:
     """One variant (an export or quantize stage applied outside the recipe), kept under `root`
     by content id like pipeline outputs, so a second run reuses it."""
-    from compress.artifact import read_ref, stage_hash
-    from compress.pipeline import build_output, uses_data
-    from compress.stages import StageContext
+    from compress.artifact import read_ref
+    from compress.pipeline import build_output
+    from compress.stage import StageContext
 
-    cfg_json = config.model_dump(mode="json")
-    h = stage_hash(parent.hash, kind, cfg_json,
-                   data.fingerprint if uses_data(kind, cfg_json) else None)
+    h = config.output_id(parent.hash, data.fingerprint)  # the pipeline's own id rule
     out = root / f"{name}-{h[:12]}"
     done = read_ref(out)
     if done is not None:
         return done
     ctx = StageContext(recipe=plan.recipe, data=data, reference=reference,
                        work_dir=root / "work" / out.name)
-    return build_output(kind, cfg_json, h, parent, ctx, out)
+    return build_output(config, h, parent, ctx, out)
 
 
 def variants(plan: Any, data: Any, teacher: Any, final: Any, root: Path,
              fp32: Any | None = None) -> dict[str, Any]:
     """fp32 / dynamic int8 / static int8 of the teacher (built if absent) and the final model."""
-    from compress.recipe import ExportConfig, QuantizeConfig
+    from compress.stages.export import ExportConfig
+    from compress.stages.quantize import QuantizeConfig
 
     if fp32 is None:
-        fp32 = build(plan, data, "teacher-fp32", "export", ExportConfig(), teacher, teacher, root)
+        fp32 = build(plan, data, "teacher-fp32", ExportConfig(), teacher, teacher, root)
     q = next((s for s in reversed(plan.recipe.stages) if s.kind == "quantize"), None)
     target = q.target if q is not None else "avx512_vnni"
     per_channel = q.per_channel if q is not None else True
@@ -57,9 +56,9 @@ def variants(plan: Any, data: Any, teacher: Any, final: Any, root: Path,
     sta = QuantizeConfig(method="static", target=target, per_channel=per_channel)
     return {
         "fp32 (teacher)": fp32,
-        "dynamic int8 (teacher)": build(plan, data, "teacher-dynamic", "quantize", dyn, fp32,
+        "dynamic int8 (teacher)": build(plan, data, "teacher-dynamic", dyn, fp32,
                                         teacher, root),
-        "static int8 (teacher)": build(plan, data, "teacher-static", "quantize", sta, fp32,
+        "static int8 (teacher)": build(plan, data, "teacher-static", sta, fp32,
                                        teacher, root),
         "final (pruned+distilled int8)": final,
     }

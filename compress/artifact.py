@@ -1,25 +1,20 @@
 """Model references and lineage: models move between stages as directories, never as modules.
 
-An output's id is hash(parent id, stage kind, stage config, data fingerprint): it names the output
-folder and keys the Prefect cache, so a re-run finds what is already done and skips it. A folder
-only appears under its final name once complete (written to a temp folder, then renamed).
+An output's id is hash(parent id, stage kind, stage config, data fingerprint) (the rule itself is
+`StageConfig.output_id`): it names the output folder, so a re-run finds what is already done and
+skips it. A folder only appears under its final name once complete (compress.atomic).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from compress.atomic import atomic_write_text
 from compress.errors import RecipeError
 
 LINEAGE_FILE = "lineage.json"
@@ -60,10 +55,6 @@ def canonical_hash(*parts: Any) -> str:
     """sha256 of canonical JSON: the same config always hashes the same, whatever key order."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def stage_hash(parent: str, kind: str, config: dict[str, Any], data_fingerprint: str | None) -> str:
-    return canonical_hash(parent, kind, config, data_fingerprint)
 
 
 def files_hash(paths: list[Path], root: Path) -> str:
@@ -120,57 +111,6 @@ def read_ref(folder: Path) -> ModelRef | None:
         return ModelRef.model_validate_json(f.read_text())
     except ValueError:
         return None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A temp folder next to `final`, renamed to it only if the block succeeds.
-
-    A crash or kill leaves at most a `.tmp-*` folder, which the next run ignores and sweeps.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-    try:
-        yield tmp
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if read_ref(final) is None:  # something half-made is in the way: not ours to keep
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished the same work
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def sweep_stale_temps(root: Path, older_than_s: float = 6 * 3600) -> None:
-    """Remove temp folders left by killed runs (old enough not to belong to a live one)."""
-    root = Path(root)
-    if not root.is_dir():
-        return
-    now = time.time()
-    for p in root.glob(".tmp-*"):
-        with contextlib.suppress(OSError):
-            if now - p.stat().st_mtime > older_than_s:
-                shutil.rmtree(p, ignore_errors=True)
 
 
 def write_ref(folder: Path, ref: ModelRef) -> None:

@@ -17,8 +17,9 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from compress.artifact import atomic_write_text
+from compress.atomic import atomic_write_text, staged_dir
 from compress.errors import CompressError
+from compress.logs import quiet
 
 SNIPPETS = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
@@ -53,16 +54,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def convert_gguf(gguf: Path, dest: Path) -> Path:
     """A GGUF checkpoint as a plain save_pretrained folder (transformers refuses to save a
     GGUF-loaded model: rebuild it from its config, copy the dequantized weights, save)."""
-    import warnings
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compress.artifact import staging_dir
-    from compress.models import quiet_transformers
-
-    with quiet_transformers(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet("transformers"):
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                       dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -73,7 +68,7 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
     model.generation_config = loaded.generation_config
-    with staging_dir(dest) as tmp:
+    with staged_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.md").write_text(

@@ -6,9 +6,10 @@ step: weights, optimizer and scheduler state, every RNG (torch CPU/CUDA, Python 
 legacy global generator) and the data position the loop put in `extra` come back, so the rest of
 the loss curve is the one an uninterrupted run with the same seed would have produced.
 
-Atomic: a checkpoint is written into a hidden temp folder, every file is fsynced, and only then
-is the folder renamed to `step-XXXXXXXX`. A crash mid-save leaves at most a `.tmp-step-*` folder
-(ignored, and removed by the next save), never a partial `step-*`.
+Atomic (compress.atomic's `staged_dir`): a checkpoint is written into an owned temp folder, every
+file is fsynced, and only then is the folder renamed to `step-XXXXXXXX`. A crash mid-save leaves
+at most a `.tmp-step-*` folder (ignored, and removed by a later save once its owner is gone),
+never a partial `step-*`.
 
 No pickle of arbitrary objects: weights are safetensors, and the `.pt` files hold only tensors,
 numbers, strings, lists and dicts, so they are read with `torch.load(..., weights_only=True)`.
@@ -25,17 +26,15 @@ Layout::
       step-00001000/
       .tmp-step-00001200-x1y2z3/   a save in progress (or a crashed one)
 
-One writer per folder: a save removes leftover `.tmp-step-*` folders and prunes old `step-*`.
+One writer per folder: a save removes orphaned temp folders and prunes old `step-*`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from compress.atomic import atomic_write_text, remove_orphans, staged_dir
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -73,35 +74,18 @@ def save_checkpoint(
     folder = Path(folder)
     # Fail before touching the disk if `extra` cannot be stored.
     state_text = json.dumps({"step": int(step), "extra": extra or {}}, indent=2)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-    name = f"step-{step:08d}"
-    final = folder / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=folder))
-    try:
+    remove_orphans(folder)
+    final = folder / f"step-{step:08d}"
+    # Same step saved again: swapped in, the old one kept until the new one is complete.
+    with staged_dir(final, replace=True) as tmp:
         tensors, aliases = _dedupe_state_dict(model.state_dict())
         save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt",
                                                        _ALIASES_KEY: json.dumps(aliases)})
-        _fsync_path(tmp / MODEL_FILE)
         _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         _torch_save(_get_rng_state(), tmp / RNG_FILE)
-        _write_text(tmp / STATE_FILE, state_text)  # last: marks the folder complete
-        _fsync_path(tmp)
-        if final.exists():  # same step saved again: swap, the old one stays until the new is in
-            old = folder / f".tmp-{name}-old"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_path(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / STATE_FILE, state_text)  # last: marks the folder complete
 
     _prune(folder, keep=keep, protect=final)
     return final
@@ -217,30 +201,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _torch_load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (so a rename or new entry survives power loss)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:

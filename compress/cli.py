@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 
 from compress.errors import CompressError
 
@@ -36,8 +37,19 @@ def _show(markdown: str) -> None:
         print(markdown)
 
 
+def _error(label: str, text: object) -> None:
+    """`label: text` on stderr; the text is never read as Rich markup (a stage named
+    `[/oops]` is a name, not a closing tag)."""
+    err.print(f"[bold red]{label}:[/] {escape(str(text))}", highlight=False, soft_wrap=True)
+
+
+def _plain(text: object) -> None:
+    """A line on stdout, never read as markup."""
+    out.print(escape(str(text)), highlight=False, soft_wrap=True)
+
+
 def _fail(e: CompressError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    _error("error", e)
     return typer.Exit(e.exit_code)
 
 
@@ -75,11 +87,12 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
         plan = _load(recipe, output_root)
     except CompressError as e:
         raise _fail(e) from None
-    out.print(f"[green]ok[/] {plan.recipe.name}: {len(plan.stages)} stages; data: "
-              f"{plan.train_size} train / {plan.eval_size} eval examples, {plan.num_labels} "
-              f"labels; metric: {plan.recipe.metric}", highlight=False)
+    out.print("[green]ok[/] " + escape(
+        f"{plan.recipe.name}: {len(plan.stages)} stages; data: {plan.train_size} train / "
+        f"{plan.eval_size} eval examples, {plan.num_labels} labels; metric: "
+        f"{plan.recipe.metric}"), highlight=False, soft_wrap=True)
     for line in plan.lines():
-        out.print("  " + line, highlight=False, soft_wrap=True)
+        _plain("  " + line)
 
 
 @app.command()
@@ -89,8 +102,9 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
         ) -> None:
     """Run a recipe: every stage, a report card after each, gates at the end."""
+    from compress.diagnose import on_gate_failure
     from compress.models import is_distributed, is_main_process
-    from compress.pipeline import execute, follow, report_folder
+    from compress.pipeline import execute, report_folder, run_as_worker
     from compress.report import read_report
 
     try:
@@ -98,15 +112,16 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
     except CompressError as e:
         raise _fail(e) from None
     for line in plan.lines():
-        out.print(line, highlight=False, soft_wrap=True)
+        _plain(line)
     reports_dir = reports_dir.resolve()
     try:
         distributed = is_distributed()  # torchrun/accelerate launch: always local
         if distributed and not is_main_process():  # rank 0 does everything but train
-            follow(plan)
+            run_as_worker(plan)
             return
         if local or distributed:
-            report = execute(plan, reports_dir, keep_going=keep_going)
+            report = execute(plan, reports_dir, keep_going=keep_going,
+                             on_gate_failure=on_gate_failure)
             folder = report_folder(reports_dir, report)
         else:
             from flows.compress_flow import compress_recipe
@@ -123,7 +138,7 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
             raise _fail(e) from None
         raise
     _show((folder / "report.md").read_text())
-    out.print(f"report: {folder / 'report.md'}", highlight=False)
+    _plain(f"report: {folder / 'report.md'}")
     if read_report(folder).status != "passed" and not keep_going:
         raise typer.Exit(3)
 
@@ -152,22 +167,30 @@ def report(path: Annotated[Path, typer.Argument(help="A report folder or report.
                help="Compare PATH (the baseline run) with this run; exit 3 on a regression.")
            ] = None,
            max_metric_drop: Annotated[float, typer.Option(
-               help="With --compare: allowed metric drop (accuracy points).")] = 0.5,
+               help="With --compare: allowed drop of accuracy/F1 scores, in points.")] = 0.5,
+           max_perplexity_rise: Annotated[float, typer.Option(
+               help="With --compare: allowed perplexity rise, relative (0.02 = +2%).")] = 0.02,
            max_latency_rise: Annotated[float, typer.Option(
-               help="With --compare: allowed p50 rise (0.1 = +10%).")] = 0.10,
+               help="With --compare: allowed p50 rise at any batch size (0.1 = +10%).")] = 0.10,
+           max_size_rise: Annotated[float, typer.Option(
+               help="With --compare: allowed rise of size on disk and MACs (0.01 = +1%).")
+           ] = 0.01,
            ) -> None:
-    """Print a report card, or compare two runs stage by stage."""
-    from compress.html_report import compare as compare_runs
-    from compress.report import render_markdown
+    """Print a report card, or compare two runs stage by stage (every metric on the card,
+    latency at every batch size, size and MACs)."""
+    from compress.compare import Tolerances
+    from compress.compare import compare as compare_runs
+    from compress.render import comparison_markdown, render_markdown
 
     rep = _read(path)
     if compare is not None:
-        text, problems = compare_runs(_read(compare), rep, max_metric_drop=max_metric_drop,
-                                      max_latency_rise=max_latency_rise)
-        _show(text)
-        for msg in problems:
-            err.print(f"[bold red]regression:[/] {msg}", highlight=False)
-        if problems:
+        result = compare_runs(_read(compare), rep, Tolerances(
+            metric_drop_points=max_metric_drop, metric_rise_relative=max_perplexity_rise,
+            latency_rise=max_latency_rise, size_rise=max_size_rise))
+        _show(comparison_markdown(result))
+        for msg in result.problems:
+            _error("regression", msg)
+        if result.problems:
             raise typer.Exit(3)
     elif as_json:
         print(rep.model_dump_json(indent=2))
@@ -188,20 +211,23 @@ def sweep(recipe: RecipeArg,
           keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
           ) -> None:
     """Run one variant of the recipe per grid point, concurrently (each its own flow run)."""
-    from flows.sweep import parse_sets, run_local, run_sweep, variants
+    from compress.sweep import parse_sets, run_local, variants
 
     try:
         plan, grid = _load(recipe, output_root), parse_sets(set_)
         for v in variants(plan.recipe, grid):
-            out.print(f"variant {v.name}", highlight=False)
-        rows = (run_local if local else run_sweep)(plan.recipe, grid, reports_dir.resolve(),
-                                                   keep_going=keep_going,
-                                                   **({} if local else {"processes": not threads}))
+            _plain(f"variant {v.name}")
+        if local:
+            rows = run_local(plan.recipe, grid, reports_dir.resolve(), keep_going=keep_going)
+        else:
+            from flows.sweep import run_sweep
+
+            rows = run_sweep(plan.recipe, grid, reports_dir.resolve(), keep_going=keep_going,
+                             processes=not threads)
     except CompressError as e:
         raise _fail(e) from None
     for row in rows:
-        out.print(f"{row['recipe']:<40} {row['status']:<7} {row['report'] or row['error']}",
-                  highlight=False, soft_wrap=True)
+        _plain(f"{row['recipe']:<40} {row['status']:<7} {row['report'] or row['error']}")
     codes = [r["exit_code"] for r in rows if r["exit_code"] != 3 or not keep_going]
     if max(codes, default=0):
         raise typer.Exit(max(codes))
@@ -217,7 +243,7 @@ def diagnose(recipe: RecipeArg, output_root: OutputRoot = None,
              ) -> None:
     """Rank a finished stage's layers by what compressing each one alone costs."""
     from compress.diagnose import diagnose as run_diagnosis
-    from compress.diagnose import markdown_lines
+    from compress.render import diagnosis_lines
 
     try:
         plan = _load(recipe, output_root)
@@ -227,7 +253,7 @@ def diagnose(recipe: RecipeArg, output_root: OutputRoot = None,
     if as_json:
         print(result.model_dump_json(indent=2))
     else:
-        _show("\n".join(markdown_lines(result)))
+        _show("\n".join(diagnosis_lines(result)))
 
 
 def _need_server(what: str) -> None:
@@ -267,10 +293,10 @@ def submit(recipe: RecipeArg,
     except CompressError as e:
         raise _fail(e) from None
     state = run.state.name if run.state else "Scheduled"
-    out.print(f"flow run {run.name} ({run.id}): {state}", highlight=False)
+    _plain(f"flow run {run.name} ({run.id}): {state}")
     if watch and run.state and not run.state.is_completed():
         message = run.state.message or ""
-        err.print(f"[bold red]error:[/] {message}", highlight=False)
+        _error("error", message)
         raise typer.Exit(3 if "gate failed" in message else 1)
 
 
@@ -302,7 +328,7 @@ def main() -> None:
     try:
         app()
     except CompressError as e:  # anything a command did not catch itself
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        _error("error", e)
         sys.exit(e.exit_code)
 
 

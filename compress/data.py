@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
-import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compress.artifact import canonical_hash, files_hash
-from compress.errors import RecipeError
-from compress.recipe import DataSpec
+from compress.errors import RecipeError, first_line
+from compress.logs import quiet
+from compress.spec import DataSpec
 
 _SUFFIX_FORMAT = {
     ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
@@ -52,17 +52,12 @@ def _format_of(spec: DataSpec, p: Path) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_datasets():
+def _quiet_datasets() -> Iterator[Any]:
+    """datasets, with its progress bars and logging off for the block."""
     import datasets
 
-    datasets.disable_progress_bars()
-    level = logging.getLogger("datasets").level
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield datasets
-    finally:
-        logging.getLogger("datasets").setLevel(level)
+    with quiet("datasets", stderr=True, progress_bars=True):
+        yield datasets
 
 
 def _data_lines(p: Path, enough: int = 2) -> int:
@@ -93,7 +88,7 @@ def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
                 ds = datasets.load_dataset(fmt, data_files=str(p), split="train", **kwargs)
             except Exception as e:  # the loaders raise many types; the user needs one line
                 raise RecipeError(f"data.path: cannot read {p.name} as {fmt}: "
-                                  f"{str(e).splitlines()[0][:200]}") from None
+                                  f"{first_line(e, 200)}") from None
             return ds, None, files_hash([p], p.parent)
         if spec.path.startswith((".", "/", "~")) or p.suffix.lower() in _SUFFIX_FORMAT:
             raise RecipeError(f"data.path: {spec.path}: no such file")
@@ -104,7 +99,7 @@ def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
         except Exception as e:
             offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get(
                 "HF_HUB_OFFLINE") == "1"
-            why = "offline mode is on and it is not cached" if offline else str(e).splitlines()[0]
+            why = "offline mode is on and it is not cached" if offline else first_line(e)
             raise RecipeError(f"data.path: hub dataset {spec.path!r} cannot be loaded: {why}") \
                 from None
         return train, ev, canonical_hash("hub", spec.path)
@@ -172,6 +167,11 @@ def load_task_data(spec: DataSpec, num_labels: int | None = None,
     For a causal LM the eval split is the tail of the text (contiguous, not shuffled in): a
     random split of lines would put each eval line's neighbours in training.
     """
+    with _quiet_datasets():  # filter/map/split progress bars are noise on a CLI
+        return _load_task_data(spec, num_labels, task)
+
+
+def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskData:
     lm = task == "causal-lm"
     train, ev, content = _load_raw(spec)
     _check_columns(train, spec, lm)

@@ -6,24 +6,23 @@ batch sizes are the same for every stage, so the numbers on one report card comp
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
-import logging
+import json
 import time
-import warnings
-from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel
 
 from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
 from compress.data import TaskData, encode, loader
-from compress.measure import Latency, PeakMemory, default_threads, latency_stats, time_calls
+from compress.errors import RecipeError
+from compress.logs import quiet
+from compress.measure import PeakMemory, default_threads, latency_stats, time_calls
+from compress.metrics import Metrics, classification_scores
 from compress.models import count_parameters, load_model, load_tokenizer
-from compress.recipe import EvaluationSpec
+from compress.spec import EvaluationSpec
 
 SESSION_FILE = "ort_session.json"  # {"graph_optimization_level": "basic"}: how to run the model
 _OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
@@ -33,9 +32,6 @@ _OPT_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
 def session_options(threads: int, folder: Any = None) -> Any:
     """ORT session options with our thread policy, and the graph optimization level recorded in
     the folder's ort_session.json (quantize writes it), so every runner applies the same one."""
-    import json
-    from pathlib import Path
-
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -54,42 +50,11 @@ def ort_causal_lm(folder: Any, file_name: str, threads: int) -> Any:
     first-step cache, position ids and the cache between steps, so `generate` works as in torch."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    with quiet():
+    with quiet(stdout=True):
         return ORTModelForCausalLM.from_pretrained(
             str(folder), file_name=file_name, use_cache=True, local_files_only=True,
             provider="CPUExecutionProvider", session_options=session_options(threads, folder),
             use_io_binding=False)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """optimum and the exporter print and warn a lot that the report card explains instead."""
-    log = logging.getLogger("optimum")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.setLevel(level)
-
-
-class Metrics(BaseModel):
-    metric: str
-    value: float  # accuracy in points (0-100), or perplexity
-    eval_samples: int
-    runtime: str
-    device: str
-    latency: list[Latency]
-    parameters: int
-    size_bytes: int  # weights on disk
-    dir_bytes: int  # everything in the folder (tokenizer, config, ...)
-    peak_rss_mb: float
-    rss_increase_mb: float
-    cuda_peak_mb: float | None = None
-    eval_seconds: float
-    macs: int | None = None  # multiply-accumulates of the weight matmuls for one timed sequence
 
 
 class Predictor:
@@ -141,8 +106,6 @@ class OrtPredictor(Predictor):
     runtime = "onnxruntime"
 
     def __init__(self, path: str, threads: int) -> None:
-        from pathlib import Path
-
         import onnxruntime as ort
 
         self.path = path
@@ -255,18 +218,66 @@ def fixed_batch(tokenizer: Any, texts: list[str], batch_size: int, seq_len: int
     return {k: v.astype(np.int64) for k, v in enc.items()}
 
 
-def accuracy(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
-             max_samples: int | None = None) -> tuple[float, int]:
+def positive_class(spec: EvaluationSpec, data: TaskData) -> int | None:
+    """The class id whose F1 the card reports: `positive_label` (a name or an id), class 1 for
+    two classes, none otherwise (and none for a causal LM). A name or id the data does not have
+    is a recipe error, found at plan time."""
+    if data.causal_lm:
+        return None
+    label = spec.positive_label
+    if label is None:
+        if spec.metric == "f1" and data.num_labels != 2:
+            raise RecipeError(f"evaluation.positive_label: metric f1 with {data.num_labels} "
+                              "classes needs the positive class named")
+        return 1 if data.num_labels == 2 else None
+    names = data.label_names or ()
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    if isinstance(label, int) or (isinstance(label, str) and label.isdigit() and not names):
+        i = int(label)
+        if 0 <= i < data.num_labels:
+            return i
+    known = ", ".join(names) if names else f"0-{data.num_labels - 1}"
+    raise RecipeError(f"evaluation.positive_label: {label!r} is not a class of the data "
+                      f"(classes: {known})")
+
+
+def classify(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
+             max_samples: int | None = None, positive: int | None = None
+             ) -> tuple[dict[str, float], int]:
+    """Accuracy, macro-F1 and the positive class's F1 on the eval split; (scores, examples)."""
     ev = data.eval
     if max_samples:
         ev = ev.select(range(min(max_samples, len(ev))))
     enc = encode(ev, tokenizer, data.spec.max_length)
-    correct = total = 0
+    preds, labels = [], []
     for batch in loader(enc, tokenizer, batch_size, tensors="np"):
-        labels = np.asarray(batch.pop("labels"))
-        correct += int((pred.logits(batch).argmax(-1) == labels).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1), total
+        labels.append(np.asarray(batch.pop("labels")))
+        preds.append(pred.logits(batch).argmax(-1))
+    y = np.concatenate(labels) if labels else np.zeros(0, dtype=int)
+    p = np.concatenate(preds) if preds else np.zeros(0, dtype=int)
+    return classification_scores(p, y, data.num_labels, positive), len(y)
+
+
+def accuracy(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
+             max_samples: int | None = None) -> tuple[float, int]:
+    scores, n = classify(pred, data, tokenizer, batch_size, max_samples)
+    return scores["accuracy"], n
+
+
+def task_scores(pred: Predictor, data: TaskData, tokenizer: Any, spec: EvaluationSpec,
+                max_samples: int | None = None) -> tuple[dict[str, float], int]:
+    """Every metric the task offers for this model, on the eval split: the one place that
+    decides what a card's scores are (evaluation and early stopping both call it)."""
+    if data.causal_lm:
+        ppl, n = perplexity(pred, data, tokenizer, spec.batch_size, max_samples)
+        return {"perplexity": round(ppl, 4)}, n
+    return classify(pred, data, tokenizer, spec.batch_size, max_samples,
+                    positive_class(spec, data))
+
+
+def metric_name(spec: EvaluationSpec, data: TaskData) -> str:
+    return spec.metric or ("perplexity" if data.causal_lm else "accuracy")
 
 
 def perplexity(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
@@ -296,8 +307,7 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
     with PeakMemory() as mem:
         tokenizer = load_tokenizer(ref.path, trust_remote_code=trust_remote_code)
         pred = predictor(ref, data.num_labels, threads, trust_remote_code=trust_remote_code)
-        score = perplexity if data.causal_lm else accuracy
-        value, n = score(pred, data, tokenizer, spec.batch_size, spec.max_samples)
+        scores, n = task_scores(pred, data, tokenizer, spec, spec.max_samples)
         texts = list(data.eval["text"][: max(spec.latency.batch_size, 1)])
         lat = []
         for bs in sorted({1, spec.latency.batch_size}):
@@ -312,9 +322,9 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
             pred, (OrtPredictor, OrtCausalLMPredictor)) else linear_macs_per_token(pred.model)
     del pred
     gc.collect()
+    name = metric_name(spec, data)
     return Metrics(
-        metric="perplexity" if data.causal_lm else "accuracy", value=round(value, 4),
-        eval_samples=n, runtime=lat[0].runtime,
+        metric=name, value=scores[name], scores=scores, eval_samples=n, runtime=lat[0].runtime,
         device=device, latency=lat,
         parameters=params, size_bytes=dir_bytes(ref.dir, WEIGHT_SUFFIXES),
         dir_bytes=dir_bytes(ref.dir), peak_rss_mb=round(mem.peak_mb, 1),

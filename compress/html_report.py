@@ -1,4 +1,4 @@
-"""One self-contained HTML page per run, and a night-to-night comparison.
+"""One self-contained HTML page per run.
 
 The page must open from a CI artifact or an e-mail attachment with no network, so everything is
 inline: CSS in a <style> block, charts as SVG drawn here (no plotting library, no scripts).
@@ -9,10 +9,10 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from compress.artifact import atomic_write_text
-from compress.report import MB, RunReport, StageCard, p50, table
+from compress.metrics import METRICS
+from compress.render import table
+from compress.report import MB, Diagnosis, RunReport, StageCard, p50
 
 W, ROW, LEFT = 640, 22, 170  # chart width, bar height, room for labels
 CSS = """body{font:14px system-ui,sans-serif;margin:2em auto;max-width:960px;color:#222}
@@ -28,11 +28,6 @@ def _e(x: object) -> str:
     return html.escape(str(x))
 
 
-def higher_is_better(metric: str) -> bool:
-    """Perplexity is the one metric here where lower wins; accuracy and the rest go up."""
-    return metric != "perplexity"
-
-
 def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
     """Indices of the non-dominated (latency, metric) points, by increasing latency: the models
     worth shipping, since every other one is beaten on both speed and quality by one of these."""
@@ -46,10 +41,6 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
             front.append(i)
             best = sign * points[i][1]
     return front
-
-
-def _cards(report: RunReport) -> list[StageCard]:
-    return [c for c in (report.reference, report.reference_onnx) if c] + report.stages
 
 
 def _p50(card: StageCard | None) -> float | None:
@@ -97,7 +88,7 @@ def _hbar(title: str, unit: str, labels: list[str], values: list[float]) -> str:
 def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
     """Metric vs batch-1 latency for this run's cards and earlier nights' finals, Pareto front
     drawn as a staircase: shows at a glance whether tonight moved the trade-off or fell off it."""
-    cards = _cards(report)
+    cards = report.cards()
     metric = cards[0].metrics.metric if cards else "accuracy"
     pts: list[tuple[float, float, str, bool]] = []  # x, y, label, from this run
     pts += [(x, c.metrics.value, c.name, True) for c in cards if (x := _p50(c)) is not None]
@@ -115,7 +106,7 @@ def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
     pw, ph = W - L - 30, H - T - 50
     sx = lambda v: L + pw * (v - x0) / (x1 - x0)  # noqa: E731
     sy = lambda v: T + ph * (1 - (v - y0) / (y1 - y0))  # noqa: E731
-    better = "higher" if higher_is_better(metric) else "lower"
+    better = "higher" if METRICS[metric].higher_is_better else "lower"
     title = f"{metric} vs p50 batch-1 latency ({better} {metric} is better)"
     out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
            f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
@@ -127,7 +118,7 @@ def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
     out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">'
                f'p50 batch-1 latency (ms)</text><text transform="translate(14 {T + ph / 2:.0f}) '
                f'rotate(-90)" text-anchor="middle">{_e(metric)}</text>')
-    front = pareto_front([(p[0], p[1]) for p in pts], higher_is_better(metric))
+    front = pareto_front([(p[0], p[1]) for p in pts], METRICS[metric].higher_is_better)
     if front:
         fx, fy = [sx(pts[i][0]) for i in front], [sy(pts[i][1]) for i in front]
         d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
@@ -166,7 +157,7 @@ def _environment(env: dict) -> str:
 def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
     """The whole run on one page a reviewer can open anywhere, offline."""
     head, rows = table(report)
-    cards = _cards(report)
+    cards = report.cards()
     title = f"{report.recipe} — run {report.run_id}"
     gates = ("<ul>" + "".join(
         f'<li class="{"pass" if g.passed else "fail"}">{"PASS" if g.passed else "FAIL"} '
@@ -195,66 +186,24 @@ def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
 
 
 def _diagnosis(report: RunReport) -> str:
-    if not report.diagnosis:
+    dg: Diagnosis | None = report.diagnosis
+    if dg is None:
         return ""
-    from compress.diagnose import html_section
-
-    return html_section(report.diagnosis)
-
-
-def _cell(x: str) -> str:
-    return x.replace("|", "\\|")
-
-
-def compare(a: RunReport, b: RunReport, *, max_metric_drop: float = 0.5,
-            max_latency_rise: float = 0.10) -> tuple[str, list[str]]:
-    """Tonight (b) against the last good night (a), stage by stage, so a quality or speed
-    regression is caught the night it lands rather than when someone next reads a report."""
-    same_last = bool(a.stages and b.stages and a.stages[-1].name == b.stages[-1].name)
-    by_a = {c.name: c for c in a.stages}
-    pairs: list[tuple[str, StageCard | None, StageCard | None]] = [
-        ("reference", a.reference, b.reference)]
-    if a.reference_onnx or b.reference_onnx:
-        pairs.append(("reference-onnx", a.reference_onnx, b.reference_onnx))
-    for c in b.stages:
-        last = same_last and c is b.stages[-1]
-        pairs.append((f"final ({c.name})" if last else c.name, by_a.get(c.name), c))
-    names_b = {c.name for c in b.stages}
-    pairs += [(c.name, c, None) for c in a.stages if c.name not in names_b]
-    if not same_last and (a.stages or b.stages) and a.final and b.final:
-        pairs.append((f"final ({b.final.name})", a.final, b.final))
-    lines = ["| stage | metric a → b (Δ) | p50 b1 ms a → b (Δ%) | size MB a → b |",
-             "|---|---|---|---|"]
-    problems: list[str] = []
-    for label, ca, cb in pairs:
-        if ca is None and cb is None:
-            continue
-        ma, mb = (ca.metrics if ca else None), (cb.metrics if cb else None)
-        la, lb = _p50(ca), _p50(cb)
-        metric = " → ".join(f"{m.value:.2f}" if m else "—" for m in (ma, mb))
-        metric += f" ({mb.value - ma.value:+.2f})" if ma and mb else ""
-        lat = " → ".join(f"{v:.2f}" if v else "—" for v in (la, lb))
-        lat += f" ({lb / la - 1:+.1%})" if la and lb else ""
-        size = " → ".join(f"{m.size_bytes / MB:.1f}" if m else "—" for m in (ma, mb))
-        lines.append(f"| {_cell(label)} | {metric} | {lat} | {size} |")
-        if ma and mb and ma.metric == mb.metric:
-            if higher_is_better(mb.metric):
-                if round(ma.value - mb.value, 6) > max_metric_drop:
-                    problems.append(f"{label}: {mb.metric} {ma.value:.2f} -> {mb.value:.2f} "
-                                    f"({mb.value - ma.value:+.2f} points, "
-                                    f"allowed -{max_metric_drop:.2f})")
-            elif round(mb.value / ma.value - 1, 6) > max_metric_drop / 100:
-                problems.append(f"{label}: {mb.metric} {ma.value:.2f} -> {mb.value:.2f} "
-                                f"({mb.value / ma.value - 1:+.1%}, "
-                                f"allowed +{max_metric_drop / 100:.1%})")
-        if la and lb and round(lb / la - 1, 6) > max_latency_rise:
-            problems.append(f"{label}: p50 batch-1 {la:.2f} -> {lb:.2f} ms "
-                            f"({lb / la - 1:+.1%}, allowed +{max_latency_rise:.0%})")
-    return "\n".join(lines), problems
+    head = f"<h2>Diagnosis: stages[{dg.stage_index}] ({_e(dg.stage)})</h2>"
+    if dg.error:
+        return f'{head}<p class="err">No layer-by-layer diagnosis: {_e(dg.error)}</p>'
+    cls = dg.baseline is not None
+    cols = ["#", "layer group", "nodes"] + (["accuracy (Δ)"] if cls else []) + ["output KL"]
+    rows = []
+    for i, r in enumerate(dg.rows[:dg.top], 1):
+        cells = [str(i), r.group, str(r.nodes)]
+        if cls:
+            cells.append(f"{r.metric:.2f} ({r.delta:+.2f})")
+        cells.append(f"{r.output_error:.3g}")
+        rows.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    return (f"{head}<p>Each layer group quantized alone, {dg.samples} eval examples, ranked by "
+            f"{_e(dg.method)}.</p><table><tr>"
+            + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(rows)
+            + f"</table><p>Suggestion: {_e(dg.suggestion)}</p>")
 
 
-def write_html(report: RunReport, folder: Path, history: Sequence[RunReport] = ()) -> Path:
-    """report.html beside report.json; replaced atomically so a browser never sees half a page."""
-    path = Path(folder) / "report.html"
-    atomic_write_text(path, render_html(report, history))
-    return path

@@ -107,37 +107,32 @@ def hard_label_loss(student_logits: Tensor, labels: Tensor, ignore_index: int = 
     return total / max(int((labels != ignore_index).sum()), 1)
 
 
-def distillation_loss(
+def mix_soft_hard(
+    soft: Tensor,
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor | None = None,
-    *,
-    alpha: float = 0.5,
-    temperature: float = 2.0,
+    labels: Tensor | None,
+    alpha: float,
     mask=None,
     ignore_index: int = -100,
 ) -> Tensor:
-    """alpha * kd_kl_loss + (1 - alpha) * hard_label_loss; ``mask`` also drops labels it excludes.
+    """alpha * soft + (1 - alpha) * hard_label_loss: the one place soft targets meet labels.
 
-    alpha == 1 is pure distillation (labels unused), alpha == 0 plain fine-tuning (teacher unused).
+    ``soft`` is any soft-target term already computed (KL, reverse KL, JSD, top-k KL); ``mask``
+    (positions that count) also drops the labels it excludes. alpha == 1 is pure distillation
+    (labels unused, may be None); alpha == 0 plain fine-tuning on the labels.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if alpha < 1.0 and labels is None:
+    if alpha == 1.0:
+        return soft
+    if labels is None:
         raise ValueError(f"labels are required when alpha < 1 (got alpha={alpha}, labels=None)")
-    if alpha > 0.0 and teacher_logits is None:
-        raise ValueError(f"teacher_logits are required when alpha > 0 (got alpha={alpha})")
-    _check_temperature(temperature)
-    loss = student_logits.new_zeros((), dtype=torch.float32)
-    if alpha > 0.0:
-        loss = loss + alpha * kd_kl_loss(student_logits, teacher_logits, temperature, mask)
-    if alpha < 1.0:
-        if mask is not None:
-            if tuple(mask.shape) != tuple(labels.shape):
-                raise ValueError(f"mask shape {tuple(mask.shape)} != labels {tuple(labels.shape)}")
-            labels = labels.masked_fill(~mask.bool(), ignore_index)
-        loss = loss + (1.0 - alpha) * hard_label_loss(student_logits, labels, ignore_index)
-    return loss
+    if mask is not None:
+        if tuple(mask.shape) != tuple(labels.shape):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != labels {tuple(labels.shape)}")
+        labels = labels.masked_fill(~mask.bool(), ignore_index)
+    hard = hard_label_loss(student_logits, labels, ignore_index)
+    return hard if alpha == 0.0 else alpha * soft + (1.0 - alpha) * hard
 
 
 def hidden_state_loss(

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
-from compress.errors import RecipeError
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Silence 'weights newly initialized' and similar chatter we explain in reports instead."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
+from compress.errors import RecipeError, first_line
+from compress.logs import quiet
 
 
 def _explain(path: str, e: Exception) -> RecipeError:
-    first = str(e).strip().splitlines()[0][:240] if str(e).strip() else type(e).__name__
+    first = first_line(e, 240)
     if not Path(path).exists():
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             return RecipeError(f"model.path: {path!r} is not a local folder and not in the hub "
@@ -33,30 +20,28 @@ def _explain(path: str, e: Exception) -> RecipeError:
     return RecipeError(f"model.path: cannot load a model from {path}: {first}")
 
 
-def load_model(path: str, task: str, num_labels: int | None = None, **kwargs: Any) -> Any:
-    """The model class a task needs: a classifier, or a causal LM (num_labels ignored)."""
-    if task == "causal-lm":
-        return load_classifier(path, None, auto_class="AutoModelForCausalLM", **kwargs)
-    return load_classifier(path, num_labels, **kwargs)
+AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
+                "causal-lm": "AutoModelForCausalLM"}
 
 
-def load_classifier(path: str, num_labels: int | None = None, *,
-                    trust_remote_code: bool = False, revision: str | None = None,
-                    auto_class: str = "AutoModelForSequenceClassification",
-                    **extra: Any) -> Any:
-    """A sequence-classification model; adds a fresh head when the checkpoint has none."""
+def load_model(path: str, task: str, num_labels: int | None = None, *,
+               trust_remote_code: bool = False, revision: str | None = None,
+               **extra: Any) -> Any:
+    """The model class a task needs, in float32 eval mode unless a dtype or quantization was
+    asked for: a classifier (with a fresh head when the checkpoint has none: `num_labels`), or
+    a causal LM (`num_labels` ignored)."""
     import transformers
 
-    auto = getattr(transformers, auto_class)
+    auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **extra}
-    if num_labels:
+    if num_labels and task != "causal-lm":
         kwargs["num_labels"] = num_labels
     if revision:
         kwargs["revision"] = revision
     from safetensors import SafetensorError
 
     try:
-        with quiet_transformers():
+        with quiet("transformers"):
             model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _explain(path, e) from None
@@ -70,7 +55,7 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False,
     from transformers import AutoTokenizer
 
     try:
-        with quiet_transformers():
+        with quiet("transformers"):
             tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                 revision=revision)
     except (OSError, ValueError, KeyError) as e:

@@ -1,8 +1,11 @@
 """Plan and run a recipe: the one loop that both the CLI's local path and the Prefect flow use.
 
 `make_plan` does every check that needs no heavy work (data loads and splits, the source model
-exists, every output id is computed), so a bad recipe fails before anything runs. `execute` walks
-the plan; the flow passes Prefect-task versions of `run_stage` and `evaluate_reference`.
+exists and each stage can handle it, every output id is computed), so a bad recipe fails before
+anything runs. `execute` walks the plan; its callers inject what differs between them: the flow
+passes Prefect-task versions of `run_stage` and `evaluate_reference` and an `on_card` that
+publishes artifacts, and the CLI passes the diagnosis as `on_gate_failure`. This module knows no
+stage kind: it reads what each stage declares (compress.stage).
 """
 
 from __future__ import annotations
@@ -24,47 +27,37 @@ from pydantic import BaseModel
 from compress.artifact import (
     INFO_FILE,
     ModelRef,
-    atomic_write_text,
     canonical_hash,
     read_ref,
     source_ref,
-    stage_hash,
-    staging_dir,
-    sweep_stale_temps,
     write_ref,
 )
+from compress.atomic import atomic_write_text, remove_orphans, staged_dir
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
+from compress.evaluate import evaluate, positive_class
 from compress.measure import cpu_info, default_threads, environment
+from compress.metrics import Metrics
 from compress.models import check_weights, wait_for_everyone
-from compress.recipe import NOT_HASHED, STAGE_CONFIGS, ExportConfig, Recipe
-from compress.report import (
-    LATEST,
-    RunReport,
-    StageCard,
-    check_gates,
-    earlier_runs,
-    write_report,
-)
+from compress.recipe import AnyStage, Recipe
+from compress.report import LATEST, Diagnosis, RunReport, StageCard, check_gates
+from compress.report_io import earlier_runs, write_report
+from compress.stage import Progress, StageConfig, StageContext
 
-OUTPUT_FORMAT = {"finetune": "hf", "prune": "hf", "distill": "hf", "export": "onnx",
-                 "quantize": "onnx", "bnb": "hf"}
-USES_DATA = {"finetune", "prune", "distill"}  # prune: taylor/activation importance reads data
-
-
-def uses_data(kind: str, config: dict[str, Any]) -> bool:
-    """Whether the data's fingerprint is part of a stage's id (static INT8 calibrates on it)."""
-    return kind in USES_DATA or (kind == "quantize" and config.get("method") == "static")
+GateHook = Callable[["Plan", RunReport], Diagnosis | None]
 
 
 class PlannedStage(BaseModel):
     index: int  # -1 for the reference's ONNX export
     name: str
-    kind: str
-    config: dict[str, Any]
+    config: AnyStage
     hash: str
     parent: str
     output_dir: str
+
+    @property
+    def kind(self) -> str:
+        return self.config.kind
 
     def done(self) -> bool:
         return read_ref(Path(self.output_dir)) is not None
@@ -78,7 +71,7 @@ class Plan(BaseModel):
     train_size: int
     eval_size: int
     eval_hash: str
-    reference_index: int | None  # last leading finetune stage; None: the source is the reference
+    reference_index: int | None  # last leading makes_reference stage; None: the source
     stages: list[PlannedStage]
     reference_onnx: PlannedStage | None
 
@@ -91,12 +84,12 @@ class Plan(BaseModel):
         return out
 
 
-def _plan_stage(index: int, name: str, kind: str, config: dict, parent: str, root: Path,
+def _plan_stage(index: int, cfg: StageConfig, parent: str, root: Path,
                 data_fp: str | None) -> PlannedStage:
-    hashed = {k: v for k, v in config.items() if k not in NOT_HASHED}
-    h = stage_hash(parent, kind, hashed, data_fp if uses_data(kind, config) else None)
-    return PlannedStage(index=index, name=name, kind=kind, config=config, hash=h, parent=parent,
-                        output_dir=str(root / f"{kind}-{h[:12]}"))
+    h = cfg.output_id(parent, data_fp)
+    return PlannedStage(index=index, name=cfg.label if index >= 0 else "reference (onnx fp32)",
+                        config=cfg, hash=h, parent=parent,
+                        output_dir=str(root / f"{cfg.kind}-{h[:12]}"))
 
 
 def _check_hub_model(path: str, revision: str | None) -> None:
@@ -123,8 +116,20 @@ def _check_writable(root: Path) -> None:
         raise RecipeError(f"output_root: cannot write to {root}: {e.strerror or e}") from None
 
 
+def _model_config(p: Path) -> dict[str, Any]:
+    if not p.is_dir():
+        return {}
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.path: {p / 'config.json'} is not valid JSON "
+                          f"({type(e).__name__})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def make_plan(recipe: Recipe) -> Plan:
-    """Check the recipe against the world (files, columns, labels) and compute every output id."""
+    """Check the recipe against the world (files, columns, labels, architectures) and compute
+    every output id."""
     p = Path(recipe.model.path)
     if not p.exists():
         if recipe.model.path.startswith(("/", ".", "~")):
@@ -134,29 +139,35 @@ def make_plan(recipe: Recipe) -> Plan:
     source = source_ref(recipe.model.path, recipe.model.task, recipe.model.revision)
     if p.is_dir():
         check_weights(p)
+    model_config = _model_config(p)
+    for i, st in enumerate(recipe.stages):
+        try:
+            st.check_model(model_config)
+        except ValueError as e:
+            raise RecipeError(f"{st.where(i)}: {e}") from None
     num_labels = recipe.model.num_labels
-    if num_labels is None and p.is_dir() and recipe.model.task != "causal-lm":
-        cfg = json.loads((p / "config.json").read_text())
-        if "id2label" in cfg and len(cfg["id2label"]) >= 2:
-            num_labels = len(cfg["id2label"])
+    if num_labels is None and recipe.model.task != "causal-lm":
+        labels = model_config.get("id2label") or {}
+        if len(labels) >= 2:
+            num_labels = len(labels)
     data = load_task_data(recipe.data, num_labels, recipe.model.task)
+    positive_class(recipe.evaluation, data)  # a positive label the data lacks: refused now
     root = Path(recipe.output_root)
     stages, parent, ref_index = [], source.hash, None
     for i, st in enumerate(recipe.stages):
-        ps = _plan_stage(i, st.name or st.kind, st.kind, st.model_dump(mode="json"), parent,
-                         root, data.fingerprint)
-        if st.kind == "finetune" and ref_index == (i - 1 if i else None):
+        ps = _plan_stage(i, st, parent, root, data.fingerprint)
+        if st.makes_reference and ref_index == (i - 1 if i else None):
             ref_index = i
         stages.append(ps)
         parent = ps.hash
     reference_hash = stages[ref_index].hash if ref_index is not None else source.hash
     ref_onnx = None
-    export = next((st for st in recipe.stages if st.kind == "export"), None)
-    if recipe.evaluation.reference_onnx and export is not None:
+    exporter = next((st for st in recipe.stages
+                     if st.input_format == "hf" and st.output_format == "onnx"), None)
+    if recipe.evaluation.reference_onnx and exporter is not None:
         # exported exactly as the recipe exports its own model (opset, parity tolerance)
-        cfg = ExportConfig.model_validate(export.model_dump(exclude={"name"}))
-        ref_onnx = _plan_stage(-1, "reference (onnx fp32)", "export",
-                               cfg.model_dump(mode="json"), reference_hash, root, None)
+        ref_onnx = _plan_stage(-1, exporter.model_copy(update={"name": None}), reference_hash,
+                               root, data.fingerprint)
     threads = recipe.evaluation.latency.threads or default_threads()
     eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
                                cpu_info()["model"], threads)
@@ -166,7 +177,8 @@ def make_plan(recipe: Recipe) -> Plan:
                 stages=stages, reference_onnx=ref_onnx)
 
 
-def _data(plan: Plan) -> TaskData:
+def plan_data(plan: Plan) -> TaskData:
+    """The plan's data (memoised by load_task_data: every stage sees the same splits)."""
     return load_task_data(plan.recipe.data, plan.recipe.model.num_labels or plan.num_labels,
                           plan.recipe.model.task)
 
@@ -180,14 +192,12 @@ def reference_ref(plan: Plan) -> ModelRef:
     return ref
 
 
-def _evaluate(plan: Plan, ref: ModelRef) -> Any:
+def evaluate_cached(plan: Plan, ref: ModelRef) -> Metrics:
     """Metrics for a model, cached on disk by (model id, evaluation settings, machine)."""
-    from compress.evaluate import Metrics, evaluate
-
     cache = Path(plan.recipe.output_root) / "metrics" / f"{ref.short}-{plan.eval_hash[:12]}.json"
     if cache.is_file():
         return Metrics.model_validate_json(cache.read_text())
-    m = evaluate(ref, _data(plan), plan.recipe.evaluation,
+    m = evaluate(ref, plan_data(plan), plan.recipe.evaluation,
                  trust_remote_code=plan.recipe.model.trust_remote_code)
     atomic_write_text(cache, m.model_dump_json(indent=2))
     return m
@@ -201,20 +211,12 @@ def evaluate_reference(plan: Plan) -> StageCard:
                 "ran in this process (the recipe asked for it)"] \
         if plan.recipe.model.trust_remote_code else []
     return StageCard(name=name, kind="reference", index=plan.reference_index, model=ref,
-                     metrics=_evaluate(plan, ref), reused=True, warnings=warnings)
+                     metrics=evaluate_cached(plan, ref), reused=False, warnings=warnings)
 
 
-Progress = Callable[[str, int, int], None]
-
-
-TRAINING = {"finetune", "distill"}  # every rank of a distributed launch takes part in these
-
-
-def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> Any:
-    from compress.stages import StageContext
-
+def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> StageContext:
     before_reference = plan.reference_index is not None and ps.index <= plan.reference_index
-    return StageContext(recipe=plan.recipe, data=_data(plan), progress=progress,
+    return StageContext(recipe=plan.recipe, data=plan_data(plan), progress=progress,
                         reference=plan.source if before_reference else reference_ref(plan),
                         work_dir=Path(plan.recipe.output_root) / "work" /
                         Path(ps.output_dir).name)
@@ -223,39 +225,37 @@ def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> Any:
 def run_stage(plan: Plan, index: int, input_ref: ModelRef,
               progress: Progress | None = None) -> StageCard:
     """Run one stage (or find it done), then evaluate its output. The input is never touched."""
-
     ps = plan.reference_onnx if index == -1 else plan.stages[index]
     assert ps is not None
     out = Path(ps.output_dir)
-    if ps.kind in TRAINING:
-        wait_for_everyone()  # the other ranks (if any) train this stage with us: see follow()
+    if ps.config.trains:
+        wait_for_everyone()  # the other ranks (if any) train this stage with us: run_as_worker
     reused = ps.done()
-    ref = read_ref(out) if reused else build_output(ps.kind, ps.config, ps.hash, input_ref,
+    ref = read_ref(out) if reused else build_output(ps.config, ps.hash, input_ref,
                                                     _context(plan, ps, progress), out)
     assert ref is not None
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
     warnings = info.pop("warnings", [])
     return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref,
-                     metrics=_evaluate(plan, ref), info=info, reused=reused,
+                     metrics=evaluate_cached(plan, ref), info=info,
+                     notes=ps.config.notes(info), reused=reused,
                      seconds=info.get("seconds", 0.0), warnings=warnings)
 
 
-def build_output(kind: str, config: dict[str, Any], h: str, input_ref: ModelRef, ctx: Any,
+def build_output(cfg: StageConfig, h: str, input_ref: ModelRef, ctx: StageContext,
                  out: Path) -> ModelRef:
     """Apply one stage into a staging folder, with its card facts and lineage, renamed to `out`
     only once complete; the stage's checkpoints go once it has succeeded."""
-    from compress.stages import registry
-
-    sweep_stale_temps(out.parent)
+    remove_orphans(out.parent)
     t0 = time.perf_counter()
-    with staging_dir(out) as tmp:
-        info = registry()[kind](input_ref, STAGE_CONFIGS[kind].model_validate(config), ctx, tmp)
+    with staged_dir(out) as tmp:
+        info = cfg.apply(input_ref, ctx, tmp)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         onnx_file = info.pop("onnx_file", None)
         atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
-        write_ref(tmp, ModelRef(path=str(out), format=OUTPUT_FORMAT[kind], task=input_ref.task,
-                                hash=h, stage=kind, parent=input_ref.hash, config=config,
-                                onnx_file=onnx_file))
+        write_ref(tmp, ModelRef(path=str(out), format=cfg.output_format, task=input_ref.task,
+                                hash=h, stage=cfg.kind, parent=input_ref.hash,
+                                config=cfg.model_dump(mode="json"), onnx_file=onnx_file))
     if ctx.work_dir is not None:
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
     ref = read_ref(out)
@@ -263,15 +263,13 @@ def build_output(kind: str, config: dict[str, Any], h: str, input_ref: ModelRef,
     return ref
 
 
-def follow(plan: Plan) -> None:
+def run_as_worker(plan: Plan) -> None:
     """What ranks other than 0 do under `torchrun`/`accelerate launch`: train their share of
     every training stage rank 0 runs, and nothing else (rank 0 prunes, exports, evaluates and
     writes every file). Each training stage starts with a barrier, after which rank 0's output
     of the stage before it is on disk to read."""
-    from compress.stages import registry
-
     for ps in plan.stages:
-        if ps.kind not in TRAINING:
+        if not ps.config.trains:
             continue
         wait_for_everyone()
         if ps.done():
@@ -281,9 +279,8 @@ def follow(plan: Plan) -> None:
         if prev is None:
             raise CompressError(f"rank {os.environ.get('RANK')}: the input of stage "
                                 f"{ps.index} is missing; did rank 0 fail?")
-        cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
         with tempfile.TemporaryDirectory() as scratch:
-            registry()[ps.kind](prev, cfg, _context(plan, ps, None), Path(scratch))
+            ps.config.apply(prev, _context(plan, ps, None), Path(scratch))
 
 
 @contextlib.contextmanager
@@ -316,22 +313,16 @@ def recipe_lock(root: Path, recipe: str) -> Iterator[None]:
 def publish_latest(report: RunReport, reports_root: Path) -> Path | None:
     """Copy the final model and its card to reports/<recipe>/latest, only for a passed run.
 
-    The new copy is made beside the old one and swapped in by two renames, so `latest` is
-    never half a model: the previous good one until the new one is complete (and, for the
-    instant between the renames, absent).
+    The new copy is built beside the old one and swapped in (compress.atomic): `latest` is
+    never half a model, and the previous good one stays until the new one is complete.
     """
     final = report.final
     if report.status != "passed" or final is None:
         return None
     dest = Path(reports_root) / report.recipe / LATEST
-    tmp = dest.with_name(f".tmp-latest-{secrets.token_hex(4)}")
-    shutil.copytree(final.model.dir, tmp / "model")
-    atomic_write_text(tmp / "report.json", report.model_dump_json(indent=2))
-    old = dest.with_name(f".old-latest-{secrets.token_hex(4)}")
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_dir(dest, replace=True) as tmp:
+        shutil.copytree(final.model.dir, tmp / "model")
+        atomic_write_text(tmp / "report.json", report.model_dump_json(indent=2))
     return dest
 
 
@@ -347,21 +338,25 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
             run_stage: Callable[..., StageCard] = run_stage,
             evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
             on_card: Callable[[RunReport, StageCard], None] | None = None,
+            on_gate_failure: GateHook | None = None,
             progress: Progress | None = None, keep_going: bool = False) -> RunReport:
     """Run every stage in order, writing the report after each; check gates at the end.
 
     The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
     report (status failed, the error) before it propagates; earlier outputs stay where they are.
+    When a gate fails and the recipe asks for it, `on_gate_failure` adds a diagnosis.
     """
     with recipe_lock(Path(plan.recipe.output_root), plan.recipe.name):
         return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
                         evaluate_reference=evaluate_reference, on_card=on_card,
-                        progress=progress, keep_going=keep_going)
+                        on_gate_failure=on_gate_failure, progress=progress,
+                        keep_going=keep_going)
 
 
 def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
              run_stage: Callable[..., StageCard], evaluate_reference: Callable[[Plan], StageCard],
-             on_card: Callable[[RunReport, StageCard], None] | None, progress: Progress | None,
+             on_card: Callable[[RunReport, StageCard], None] | None,
+             on_gate_failure: GateHook | None, progress: Progress | None,
              keep_going: bool) -> RunReport:
     threads = plan.recipe.evaluation.latency.threads or default_threads()
     report = RunReport(recipe=plan.recipe.name, run_id=run_id or new_run_id(), started_at=_now(),
@@ -389,7 +384,8 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
                 report.reference.seconds = card.seconds
                 record(report.reference)
                 continue
-            if plan.reference_onnx and ps.kind == "export" and report.reference_onnx is None:
+            if plan.reference_onnx and ps.config.output_format == "onnx" and \
+                    report.reference_onnx is None:
                 report.reference_onnx = run_stage(plan, -1, report.reference.model, progress)
                 record(report.reference_onnx)
             report.stages.append(card)
@@ -405,10 +401,8 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
     report.finished_at = _now()
     if failed:
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
-        if plan.recipe.diagnose.on_gate_failure:  # which layers cost the most; never raises
-            from compress.diagnose import on_gate_failure
-
-            report.diagnosis = on_gate_failure(plan, report)
+        if plan.recipe.diagnose.on_gate_failure and on_gate_failure is not None:
+            report.diagnosis = on_gate_failure(plan, report)  # hooks never raise
     write_report(report, folder, history)
     if failed and not keep_going:
         raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")

@@ -1,4 +1,8 @@
-"""Report cards: one per stage, gathered in a run report, written atomically as JSON and Markdown.
+"""Report data: one card per stage, gathered in a run report; gates; reading reports back.
+
+This is the bottom of the reporting layers: plain data and the rules over it. Renderers
+(compress.render for Markdown, compress.html_report for HTML, compress.compare for night-to-
+night comparison) sit above it, and compress.report_io writes all of them.
 
 Every number is compared with the reference (the original model, or the fine-tuned teacher when
 the recipe starts with finetune). Latency ratios are like for like: ONNX stages against the
@@ -7,26 +11,27 @@ reference timed in ONNX Runtime fp32, PyTorch stages against the reference in Py
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from compress.artifact import ModelRef, atomic_write_text
-from compress.evaluate import Metrics
-from compress.recipe import Gates
+from compress.artifact import ModelRef
+from compress.metrics import METRICS, Metrics
+from compress.spec import Gates
 
 MB = 1e6
+LATEST = "latest"  # reports/<recipe>/latest: the last good model, not a run
 
 
 class StageCard(BaseModel):
     name: str
-    kind: str  # "reference", "reference-onnx", or a stage kind
+    kind: str  # "reference", or a stage kind
     index: int | None  # position in recipe.stages
     model: ModelRef
     metrics: Metrics
     info: dict[str, Any] = {}
+    notes: list[str] = []  # the stage's own lines for the card (StageConfig.notes)
     reused: bool = False  # True when this run found the output already made
     seconds: float = 0.0  # how long the stage took when it ran
     warnings: list[str] = []
@@ -40,10 +45,40 @@ class GateResult(BaseModel):
     message: str
 
 
+class LayerRow(BaseModel):
+    """One layer group compressed alone: its metric, change vs the uncompressed model, error."""
+
+    group: str
+    nodes: int
+    metric: float | None  # task metric with only this group quantized (None: no labels)
+    delta: float | None  # metric - baseline (accuracy: negative is worse)
+    output_error: float  # mean KL(fp32 || probe) of the output distributions
+
+
+class Diagnosis(BaseModel):
+    """Which layers of one stage cost the most (compress.sensitivity makes it)."""
+
+    stage: str
+    stage_index: int
+    kind: str
+    method: str  # what ranks the rows: "accuracy" or "output error (KL vs fp32 logits)"
+    metric: str  # the task metric the rows report
+    samples: int = 0
+    baseline: float | None = None  # the stage's input, on the same samples
+    compressed: float | None = None  # every group quantized (what the stage does)
+    rows: list[LayerRow] = []  # ranked, worst first
+    top: int = 5
+    exclude: list[str] = []  # suggested patterns for the stage's `exclude`
+    recovered: float | None = None  # metric with `exclude` applied
+    suggestion: str = ""
+    error: str | None = None
+    seconds: float = 0.0
+
+
 class RunReport(BaseModel):
     recipe: str
     run_id: str
-    status: Literal["running", "passed", "failed"] = "running"
+    status: Literal["running", "passed", "failed", "interrupted"] = "running"
     started_at: str
     finished_at: str | None = None
     environment: dict[str, Any] = {}
@@ -52,11 +87,16 @@ class RunReport(BaseModel):
     stages: list[StageCard] = []
     gates: list[GateResult] = []
     error: str | None = None
-    diagnosis: dict[str, Any] | None = None  # compress.diagnose.Diagnosis, on a failed gate
+    diagnosis: Diagnosis | None = None  # on a failed gate
+    warnings: list[str] = []  # run-level: quarantined outputs, interrupted earlier runs, ...
 
     @property
     def final(self) -> StageCard | None:
         return self.stages[-1] if self.stages else self.reference
+
+    def cards(self) -> list[StageCard]:
+        """Reference, reference in ONNX Runtime, then every stage: the table's rows."""
+        return [c for c in (self.reference, self.reference_onnx) if c] + self.stages
 
     def like_for_like(self, card: StageCard) -> StageCard | None:
         """The reference card measured in the same runtime as `card`."""
@@ -84,21 +124,34 @@ def deltas(report: RunReport, card: StageCard) -> dict[str, float]:
     }
 
 
+def _points_gate(gate: str, name: str, ref: Metrics, final: Metrics, allowed: float
+                 ) -> GateResult | None:
+    """A drop in points of metric `name` (accuracy, F1): None when the card lacks it."""
+    before, after = ref.all_scores().get(name), final.all_scores().get(name)
+    if before is None or after is None:
+        return None
+    drop = round(METRICS[name].loss(before, after), 4) + 0.0  # no "-0.00"
+    return GateResult(gate=gate, passed=drop <= allowed, value=drop, threshold=allowed,
+                      message=f"{name} {before:.2f} -> {after:.2f}: drop {drop:.2f} points "
+                              f"(allowed {allowed:g})")
+
+
 def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
+    """Every gate the recipe sets, on the final card against the reference. A gate about a
+    metric the card does not have (accuracy for a causal LM) is not applicable, not passed."""
     final, ref = report.final, report.reference
     if final is None or ref is None or final is ref:
         return []
     d = deltas(report, final)
-    out = []
-    if gates.max_accuracy_drop is not None and final.metrics.metric == "accuracy":
-        drop = round(-d["metric_change"], 4) + 0.0  # no "-0.00"
-        out.append(GateResult(gate="max_accuracy_drop", passed=drop <= gates.max_accuracy_drop,
-                              value=drop, threshold=gates.max_accuracy_drop,
-                              message=f"accuracy {ref.metrics.value:.2f} -> "
-                                      f"{final.metrics.value:.2f}: drop {drop:.2f} points "
-                                      f"(allowed {gates.max_accuracy_drop:g})"))
+    out: list[GateResult | None] = []
+    if gates.max_accuracy_drop is not None:
+        out.append(_points_gate("max_accuracy_drop", "accuracy", ref.metrics, final.metrics,
+                                gates.max_accuracy_drop))
+    if gates.max_metric_drop is not None and METRICS[final.metrics.metric].change == "points":
+        out.append(_points_gate("max_metric_drop", final.metrics.metric, ref.metrics,
+                                final.metrics, gates.max_metric_drop))
     if gates.max_perplexity_increase is not None and final.metrics.metric == "perplexity":
-        rise = final.metrics.value / ref.metrics.value - 1
+        rise = METRICS["perplexity"].loss(ref.metrics.value, final.metrics.value)
         out.append(GateResult(gate="max_perplexity_increase",
                               passed=rise <= gates.max_perplexity_increase, value=round(rise, 4),
                               threshold=gates.max_perplexity_increase,
@@ -116,132 +169,13 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
                               value=d["speedup_b1"], threshold=gates.min_speedup,
                               message=f"{d['speedup_b1']:.2f}x faster at batch 1, p50 "
                                       f"(required {gates.min_speedup:g}x)"))
-    return out
-
-
-def _row(report: RunReport, card: StageCard, batch: int) -> list[str]:
-    m = card.metrics
-    d = deltas(report, card)
-    metric = f"{m.value:.2f}" if m.metric == "accuracy" else f"{m.value:.2f} ppl"
-    if d and card is not report.reference:
-        metric += f" ({d['metric_change']:+.2f})"
-    b1 = next((x for x in m.latency if x.batch_size == 1), m.latency[0])
-    bn = next((x for x in m.latency if x.batch_size == batch), b1)
-    speed = f" ({d['speedup_b1']:.2f}x)" if d and card is not report.reference else ""
-    size = f"{m.size_bytes / MB:.1f}" + (f" ({d['size_ratio']:.2f}x)" if d and
-                                          card is not report.reference else "")
-    return [
-        card.name + (" ♻" if card.reused else ""), m.runtime, metric,
-        f"{b1.p50_ms:.2f}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", f"{bn.p50_ms:.1f}",
-        f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.3g}", size,
-        f"{m.peak_rss_mb:.0f}",
-    ]
-
-
-def table(report: RunReport) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the stage-by-stage table (also used for Prefect table artifacts)."""
-    cards = [c for c in (report.reference, report.reference_onnx) if c] + report.stages
-    batch = max((x.batch_size for c in cards for x in c.metrics.latency), default=1)
-    metric = cards[0].metrics.metric if cards else "accuracy"
-    head = ["stage", "runtime", f"{metric} (Δ)", "p50 b1 ms (speed-up)", "p90 / p99 b1 ms",
-            f"p50 b{batch} ms", "params", "GMACs", "size MB (smaller)", "peak RSS MB"]
-    return head, [_row(report, c, batch) for c in cards]
-
-
-def render_markdown(report: RunReport) -> str:
-    head, rows = table(report)
-    lines = [f"# {report.recipe} — run {report.run_id}", "",
-             f"Status: **{report.status}**  ·  started {report.started_at}"
-             + (f"  ·  finished {report.finished_at}" if report.finished_at else ""), ""]
-    if report.error:
-        lines += [f"> Error: {report.error}", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Deltas and ratios are against the reference (first row); ONNX rows compare "
-              "with the reference timed in ONNX Runtime fp32. ♻ = reused from an earlier run. "
-              "GMACs: weight matmuls for one sequence of the timed length.", ""]
-    if report.gates:
-        lines += ["## Gates", ""]
-        lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"
-                  for g in report.gates]
-        lines.append("")
-    if report.diagnosis:
-        from compress.diagnose import markdown_lines
-
-        lines += markdown_lines(report.diagnosis)
-    notes = []
-    for c in report.stages:
-        parity = c.info.get("parity")
-        if parity:
-            notes.append(f"- {c.name}: ONNX vs PyTorch max |Δlogit| = "
-                         f"{parity['max_abs_diff']:.2e} (atol {parity['atol']:g}) on "
-                         f"{parity['samples']} examples")
-        tr = c.info.get("training")
-        if tr:
-            tokens = f", {tr['tokens_per_s']} tokens/s" if tr.get("tokens_per_s") else ""
-            notes.append(f"- {c.name}: {tr['steps']} steps, final loss {tr['final_loss']}, "
-                         f"{tr['samples_per_s']} samples/s{tokens} on {tr['device']} "
-                         f"({tr['precision']}, "
-                         f"{tr.get('processes', 1)} process(es))")
-        if c.kind == "prune":
-            b, a = c.info["before"], c.info["after"]
-            notes.append(f"- {c.name}: layers {b['layers']}→{a['layers']}, heads/layer "
-                         f"{max(b['heads_per_layer'])}→{max(a['heads_per_layer'])}, FFN "
-                         f"{b['ffn']}→{a['ffn']} ({c.info['importance']} importance)"
-                         + (f", layers dropped {c.info['layers_dropped']}"
-                            if c.info.get("layers_dropped") else ""))
-        notes += [f"- ⚠ {c.name}: {w}" for w in c.warnings]
-    if report.reference:
-        notes += [f"- ⚠ {report.reference.name}: {w}" for w in report.reference.warnings]
-    if notes:
-        lines += ["## Stage notes", "", *notes, ""]
-    env = report.environment
-    if env:
-        cpu = env.get("cpu", {})
-        pk = env.get("packages", {})
-        lines += ["## Environment", "",
-                  f"- CPU: {cpu.get('model')} ({cpu.get('arch')}, {cpu.get('logical_cores')} "
-                  f"logical cores), flags: {', '.join(cpu.get('flags', [])) or 'none'}",
-                  f"- threads: {env.get('threads')}  ·  python {env.get('python')}  ·  "
-                  f"git {env.get('git_commit')}" + (f"  ·  GPU {env['gpu']}" if 'gpu' in env
-                                                    else ""),
-                  "- " + ", ".join(f"{k} {v}" for k, v in pk.items() if v), ""]
-    return "\n".join(lines)
-
-
-LATEST = "latest"  # reports/<recipe>/latest: the last good model, not a run
+    return [g for g in out if g is not None]
 
 
 def run_folders(recipe_dir: Path) -> list[Path]:
     """A recipe's run folders (those with a report), oldest first; `latest` is not a run."""
     return sorted(f.parent for f in Path(recipe_dir).glob("*/report.json")
                   if f.parent.name != LATEST)
-
-
-def earlier_runs(folder: Path, limit: int = 30) -> list[RunReport]:
-    """The recipe's earlier passed runs (siblings of this run's folder), oldest first."""
-    out = []
-    for d in [d for d in run_folders(Path(folder).parent) if d != Path(folder)][-limit:]:
-        try:
-            r = read_report(d)
-        except (OSError, ValueError):
-            continue  # a run being written right now, or not ours
-        if r.status == "passed":
-            out.append(r)
-    return out
-
-
-def write_report(report: RunReport, folder: Path,
-                 history: Sequence[RunReport] = ()) -> Path:
-    """JSON (the record), Markdown and a self-contained HTML page; each replaced atomically."""
-    from compress.html_report import write_html
-
-    folder = Path(folder)
-    atomic_write_text(folder / "report.json", report.model_dump_json(indent=2))
-    atomic_write_text(folder / "report.md", render_markdown(report))
-    if report.reference is not None:
-        write_html(report, folder, history)
-    return folder
 
 
 def read_report(path: Path) -> RunReport:

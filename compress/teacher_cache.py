@@ -17,9 +17,10 @@ for a classifier, i.e. a length-1 "sequence"):
   the order of its selected (masked-in) positions.
 - ``meta.json``   ``{k, num_examples, total_rows, format_version}``, written last.
 
-The folder only appears under its final name once complete: :class:`TopKCacheWriter` writes into
-``.tmp-<name>-<random>`` next to it and renames. ``meta.json`` present == complete, so
-:meth:`TopKCache.open` returns None for a missing or half-written folder and the caller rebuilds.
+The folder only appears under its final name once complete: :class:`TopKCacheWriter` writes it
+through compress.atomic's `staged_dir` (a temp folder beside it, fsynced, renamed). ``meta.json``
+present == complete, so :meth:`TopKCache.open` returns None for a missing or half-written folder
+and the caller rebuilds.
 Name the folder with :func:`cache_key` so a different teacher, data set, k or max_length never
 reads a stale cache.
 
@@ -31,11 +32,7 @@ caller.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,6 +40,7 @@ import numpy as np
 import torch
 
 from compress.artifact import canonical_hash
+from compress.atomic import atomic_write_json, staged_dir
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -68,14 +66,6 @@ def cache_key(teacher_hash: str, data_fingerprint: str, k: int, max_length: int)
 
 def _is_complete(folder: Path) -> bool:
     return (Path(folder) / META_FILE).is_file()
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save plus fsync, so a rename after it never publishes a file still in the page cache."""
-    with open(path, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class TopKCacheWriter:
@@ -178,26 +168,11 @@ class TopKCacheWriter:
         }
 
         final = self.folder
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
-        try:
-            _save_npy(tmp / VALUES_FILE, values)
-            _save_npy(tmp / INDICES_FILE, indices)
-            _save_npy(tmp / OFFSETS_FILE, offsets)
-            with open(tmp / META_FILE, "w", encoding="utf-8") as f:  # last: marks it complete
-                json.dump(meta, f)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not _is_complete(final):  # something half-made is in the way: not ours
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished the same work
-        except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
-            raise
+        with staged_dir(final) as tmp:  # a concurrent run that finished first keeps its copy
+            np.save(tmp / VALUES_FILE, values)
+            np.save(tmp / INDICES_FILE, indices)
+            np.save(tmp / OFFSETS_FILE, offsets)
+            atomic_write_json(tmp / META_FILE, meta)  # last: marks it complete
         self._finished = True
         self._rows.clear()
         return final

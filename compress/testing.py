@@ -130,3 +130,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def dead_owner_folder(path: Path) -> Path:
+    """A folder as a killed run of this tool leaves it: our owner record, naming a process of
+    this host that has exited (cleanup may remove it)."""
+    import json
+    import subprocess
+
+    from compress.atomic import OWNER_FILE, owner_record
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWNER_FILE).write_text(json.dumps({**owner_record(), "pid": proc.pid,
+                                               "pid_started": 0.0}))
+    return path

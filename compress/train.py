@@ -1,8 +1,11 @@
 """One training loop for fine-tuning and distillation, through accelerate.
 
-accelerate gives us the device, bf16 autocast on GPU and multi-GPU (`accelerate launch`) from the
-same code; on a CPU-only machine it is a plain loop. Every epoch's order comes from (seed, epoch),
-so a run resumed from a checkpoint sees exactly the batches the interrupted run would have.
+The loop knows nothing of teachers: it trains a model on a `LossProvider`, which decides what
+the loss is and where its targets come from (labels, live teachers, a top-k cache, a peer model
+that trains too). accelerate gives us the device, bf16 autocast on GPU and multi-GPU
+(`accelerate launch`) from the same code; on a CPU-only machine it is a plain loop. Every epoch's
+order comes from (seed, epoch), so a run resumed from a checkpoint sees exactly the batches the
+interrupted run would have.
 """
 
 from __future__ import annotations
@@ -16,16 +19,58 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from compress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from compress.data import TaskData, encode, loader
-from compress.recipe import _Training
-from compress.stages import Progress
+from compress.evaluate import TorchPredictor, metric_name, task_scores
+from compress.losses import hard_label_loss, shift_for_causal_lm
+from compress.metrics import METRICS
+from compress.spec import EvaluationSpec
+from compress.stage import Progress, TrainingConfig
 
-# loss(student outputs, teacher signal, labels, batch) -> scalar. The teacher signal is None
-# (fine-tuning), a list of the teachers' outputs, or (top-k values, top-k indices) from a cache.
-LossFn = Callable[[Any, Any, torch.Tensor, dict], torch.Tensor]
+
+class LossProvider:
+    """What a training stage optimises. The loop calls `loss(outputs, labels, batch, idx)` under
+    autocast for every micro-batch; the provider runs whatever produces its targets.
+
+    `forward_kwargs` go to the student's forward (hidden states, attention maps); `modules()`
+    are trainable helpers (projections) optimised and checkpointed with the student, never
+    saved with it; `prepare(device)` moves what the provider runs to the training device.
+    """
+
+    forward_kwargs: dict[str, Any] = {}
+
+    def modules(self) -> torch.nn.Module:
+        return torch.nn.ModuleList()
+
+    def prepare(self, device: Any) -> None:
+        pass
+
+    def loss(self, out: Any, labels: torch.Tensor, batch: dict[str, Any],
+             idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str | None:
+        """What the card says about the targets ("live", "cached top-k", ...)."""
+        return None
 
 
-def _precision(cfg: _Training) -> str:
+class LabelLoss(LossProvider):
+    """Cross-entropy on the labels: next-token for a causal LM (padding masked)."""
+
+    def loss(self, out: Any, labels: torch.Tensor, batch: dict[str, Any],
+             idx: torch.Tensor) -> torch.Tensor:
+        return label_loss(out.logits, labels, batch.get("attention_mask"))
+
+
+def label_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
+               ) -> torch.Tensor:
+    if logits.dim() == 3:
+        logits, y, pos = shift_for_causal_lm(logits, y, mask)
+        return hard_label_loss(logits, y if pos is None else y.masked_fill(~pos, -100))
+    return hard_label_loss(logits, y)
+
+
+def _precision(cfg: TrainingConfig) -> str:
     """accelerate's mixed_precision value: "bf16", or "no" (fp32)."""
     if cfg.bf16 == "on" or (cfg.bf16 == "auto" and torch.cuda.is_available()):
         return "bf16"
@@ -38,41 +83,35 @@ def encode_indexed(data: TaskData, tokenizer: Any) -> Any:
     return enc.add_column("idx", list(range(len(enc))))
 
 
-def _evaluator(model: Any, tokenizer: Any, data: TaskData, spec: Any, batch_size: int
-               ) -> Callable[[], float]:
-    """Early stopping's score on a fixed eval subset, higher is better: the card's own metric
-    (accuracy, or minus perplexity), computed the way evaluation computes it."""
-    from compress.evaluate import TorchPredictor, accuracy, perplexity
+def _evaluator(model: Any, tokenizer: Any, data: TaskData, evaluation: EvaluationSpec,
+               max_samples: int) -> Callable[[], float]:
+    """Early stopping's score on a fixed eval subset, higher is better: the card's own metric,
+    computed the way evaluation computes it, signed by its declared direction."""
+    name = metric_name(evaluation, data)
 
     def score() -> float:
         was_training = model.training
         try:  # the predictor puts the model in eval mode; training resumes in train mode
             pred = TorchPredictor(model, torch.get_num_threads())
-            if data.causal_lm:
-                return -perplexity(pred, data, tokenizer, batch_size, spec.max_samples)[0]
-            return accuracy(pred, data, tokenizer, batch_size, spec.max_samples)[0]
+            scores, _ = task_scores(pred, data, tokenizer, evaluation, max_samples)
+            return METRICS[name].score(scores[name])
         finally:
             model.train(was_training)
 
     return score
 
 
-def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: LossFn, *,
-          teachers: list[Any] = (), teacher_cache: Any | None = None, desc: str = "train",
-          progress: Progress | None = None, checkpoint_dir: Path | None = None,
-          forward_kwargs: dict[str, Any] | None = None,
-          extra: torch.nn.Module | None = None) -> tuple[Any, dict[str, Any]]:
-    """Train `model` in place; returns (unwrapped model, stats for the report card).
+def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
+          loss: LossProvider, *, evaluation: EvaluationSpec | None = None,
+          desc: str = "train", progress: Progress | None = None,
+          checkpoint_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Train `model` in place on `loss`; returns (unwrapped model, stats for the report card).
 
-    `extra` holds trainable helpers that are not part of the student (hidden-state
-    projections): optimised and checkpointed with it, never saved with it. Under
-    `accelerate launch` every process trains its shard of each batch; only the main process
-    writes checkpoints.
+    `evaluation` (the recipe's) chooses early stopping's metric. Under `accelerate launch` every
+    process trains its shard of each batch; only the main process writes checkpoints.
     """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
-
-    from compress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     torch.manual_seed(cfg.seed)
     accum = cfg.gradient_accumulation
@@ -80,8 +119,8 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
     enc = encode_indexed(data, tokenizer)
     per_epoch = math.ceil(len(enc) / (cfg.batch_size * acc.num_processes))  # micro-batches
     steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / accum))  # optimizer
-    fwd = forward_kwargs or {}
-    extra = (extra or torch.nn.ModuleList()).to(acc.device)
+    fwd = loss.forward_kwargs
+    extra = loss.modules().to(acc.device)
     params = list(model.parameters()) + list(extra.parameters())
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
@@ -94,9 +133,12 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
     model.train()
     model, opt, sched = acc.prepare(model, opt, sched)
     forward = torch.compile(model) if cfg.compile else model
-    teachers = [t.to(acc.device).eval().requires_grad_(False) for t in teachers]
-    score = _evaluator(acc.unwrap_model(model), tokenizer, data, cfg.early_stopping,
-                       cfg.batch_size) if cfg.early_stopping else None
+    loss.prepare(acc.device)
+    es = cfg.early_stopping
+    evaluation = evaluation or EvaluationSpec(batch_size=cfg.batch_size)
+    metric = METRICS[metric_name(evaluation, data)]
+    score = _evaluator(acc.unwrap_model(model), tokenizer, data, evaluation,
+                       es.max_samples) if es else None
 
     def trainable() -> torch.nn.Module:  # what a checkpoint holds
         return torch.nn.ModuleDict({"model": acc.unwrap_model(model), "extra": extra})
@@ -127,17 +169,9 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
             labels, idx = batch.pop("labels"), batch.pop("idx")
             with acc.autocast():
                 out = forward(**batch, **fwd)
-                signal: Any = None
-                if teachers:
-                    with torch.inference_mode():
-                        signal = [t(**batch, **fwd) for t in teachers]
-                elif teacher_cache is not None:
-                    seq = labels.shape[1] if labels.dim() == 2 else None
-                    signal = tuple(x.to(acc.device) for x in
-                                   teacher_cache.batch(idx.tolist(), seq_len=seq))
-                loss = loss_fn(out, signal, labels, batch) / accum
-            acc.backward(loss)
-            pending += float(loss.detach())
+                value = loss.loss(out, labels, batch, idx) / accum
+            acc.backward(value)
+            pending += float(value.detach())
             micro += 1
             samples += len(labels)
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
@@ -157,15 +191,14 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
                 if progress:
                     progress(desc, step, steps)
             bar.update(1)
-            if score is not None and (step % cfg.early_stopping.eval_every == 0
-                                      or step == steps):
-                value = score()
-                evals.append([step, round(value, 5)])
-                if best is None or value > best[0] + cfg.early_stopping.min_delta:
-                    best = (value, step, {k: v.detach().clone() for k, v in
-                                          acc.unwrap_model(model).state_dict().items()})
-                elif (step - best[1]) // cfg.early_stopping.eval_every >= \
-                        cfg.early_stopping.patience:
+            if score is not None and es is not None and (step % es.eval_every == 0
+                                                         or step == steps):
+                value_ = score()
+                evals.append([step, round(value_, 5)])
+                if best is None or value_ > best[0] + es.min_delta:
+                    best = (value_, step, {k: v.detach().clone() for k, v in
+                                           acc.unwrap_model(model).state_dict().items()})
+                elif (step - best[1]) // es.eval_every >= es.patience:
                     stopped = step
                     break
             if checkpoint_dir is not None and cfg.checkpoint_every and \
@@ -194,14 +227,14 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: _Training, loss_fn: L
         "precision": "bf16" if _precision(cfg) == "bf16" else "fp32",
         "device": str(acc.device), "processes": acc.num_processes,
         "gradient_accumulation": accum, "compiled": cfg.compile,
-        "teacher": "cached top-k" if teacher_cache is not None
-        else (f"live ({len(teachers)})" if len(teachers) > 1 else "live" if teachers else None),
+        "teacher": loss.describe(),
     }
     if data.causal_lm:
         stats["tokens_per_s"] = round(tokens * acc.num_processes / per_s, 1)
-    if cfg.early_stopping:
+    if es:
         stats["early_stopping"] = {"evals": evals, "stopped_at_step": stopped,
                                    "best_step": best[1] if best else None,
                                    "best": best[0] if best else None,
-                                   "score": "-perplexity" if data.causal_lm else "accuracy"}
+                                   "score": ("" if metric.higher_is_better else "-")
+                                   + metric.name}
     return model, stats

@@ -23,9 +23,11 @@ from prefect.context import TaskRunContext
 
 from compress import pipeline
 from compress.artifact import ModelRef
+from compress.diagnose import on_gate_failure
 from compress.errors import CompressError
 from compress.recipe import Recipe
-from compress.report import RunReport, StageCard, render_markdown, table
+from compress.render import render_markdown, table
+from compress.report import RunReport, StageCard
 
 
 def _planned(plan: pipeline.Plan, index: int) -> pipeline.PlannedStage:
@@ -153,7 +155,7 @@ def compress_recipe(recipe: Recipe, reports_dir: str = "reports",
     with tags(*run_tags):  # the stage task runs carry them too
         report = pipeline.execute(plan, reports_dir, run_id=run_id, run_stage=run_stage,
                                   evaluate_reference=reference_task, on_card=publish,
-                                  keep_going=keep_going)
+                                  on_gate_failure=on_gate_failure, keep_going=keep_going)
     return {"report": str(pipeline.report_folder(reports_dir, report)), "status": report.status}
 
 

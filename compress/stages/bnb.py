@@ -10,15 +10,37 @@ so instead of failing deep inside the library.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from compress.arch import HEAD_MODULES
 from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
-from compress.errors import StageError
-from compress.recipe import BnbConfig
-from compress.stages import StageContext
+from compress.errors import StageError, first_line
+from compress.logs import quiet
+from compress.stage import StageConfig, StageContext
 
-HEADS = ("classifier", "score", "lm_head")  # kept in float whatever skip_modules says
 MB = 1e6
+
+
+class BnbConfig(StageConfig):
+    """bitsandbytes 8-bit or 4-bit weights for PyTorch GPU targets (saved with save_pretrained)."""
+
+    kind: Literal["bnb"] = "bnb"
+    bits: Literal[8, 4] = 8
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit only.")
+    double_quant: bool = Field(True, description="4-bit only: quantize the scales too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    skip_modules: list[str] = Field(default_factory=list, description="Modules kept in float "
+                                    "(the classifier head / lm_head always are).")
+
+    def check(self, recipe: Any, index: int) -> None:
+        if index != len(recipe.stages) - 1:
+            raise ValueError(f"{self.where(index)}: bitsandbytes weights are a final, GPU-only "
+                             "format; bnb must be the last stage")
+
+    def apply(self, ref: ModelRef, ctx: StageContext, out: Path) -> dict[str, Any]:
+        return _apply(ref, self, ctx, out)
 
 
 def quantization_config(cfg: BnbConfig) -> Any:
@@ -26,7 +48,7 @@ def quantization_config(cfg: BnbConfig) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    skip = list(dict.fromkeys([*HEADS, *cfg.skip_modules]))
+    skip = list(dict.fromkeys([*HEAD_MODULES, *cfg.skip_modules]))
     if cfg.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
@@ -44,8 +66,6 @@ def load_quantized(path: str, task: str, num_labels: int | None, qconfig: Any | 
     """
     import transformers
 
-    from compress.models import quiet_transformers
-
     auto = transformers.AutoModelForCausalLM if task == "causal-lm" else \
         transformers.AutoModelForSequenceClassification
     kwargs: dict[str, Any] = {"device_map": device_map, "dtype": dtype,
@@ -54,7 +74,7 @@ def load_quantized(path: str, task: str, num_labels: int | None, qconfig: Any | 
         kwargs["quantization_config"] = qconfig
     if num_labels and task != "causal-lm":
         kwargs["num_labels"] = num_labels
-    with quiet_transformers():
+    with quiet("transformers"):
         return auto.from_pretrained(path, **kwargs).eval()
 
 
@@ -82,7 +102,7 @@ def _sample_logits(model: Any, batch: dict[str, Any]) -> Any:
         return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
 
 
-def apply(ref: ModelRef, cfg: BnbConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
+def _apply(ref: ModelRef, cfg: BnbConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
     import torch
 
     from compress.models import load_tokenizer
@@ -104,7 +124,7 @@ def apply(ref: ModelRef, cfg: BnbConfig, ctx: StageContext, out: Path) -> dict[s
         model = load_quantized(ref.path, ref.task, num_labels, quantization_config(cfg),
                                device_map, dtype, trust_remote_code=trc)
     except Exception as e:  # bitsandbytes raises many kinds; the card needs one line
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if not cuda:
             raise StageError(f"bnb: bitsandbytes {cfg.bits}-bit needs a CUDA GPU (none here) and "
                              f"its CPU backend failed: {first}; run this stage on a GPU "
@@ -129,7 +149,7 @@ def apply(ref: ModelRef, cfg: BnbConfig, ctx: StageContext, out: Path) -> dict[s
                                trust_remote_code=trc)
     except Exception as e:
         raise StageError(f"bnb: the saved {cfg.bits}-bit model does not reload: "
-                         f"{str(e).strip().splitlines()[0][:300]}") from None
+                         f"{first_line(e)}") from None
     if linear_kinds(again) != kinds:
         raise StageError(f"bnb: the saved model reloads with other layer types "
                          f"({linear_kinds(again)} instead of {kinds})")

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-import numpy as np
+from pydantic import Field
 
 from compress.artifact import ONNX_FILE, ModelRef
-from compress.errors import StageError
-from compress.evaluate import ort_causal_lm, quiet
-from compress.recipe import ExportConfig
-from compress.stages import StageContext
+from compress.errors import StageError, first_line
+from compress.logs import quiet
+from compress.stage import StageConfig, StageContext
 
 TASKS = {"sequence-classification": "text-classification",
          "causal-lm": "text-generation-with-past"}
@@ -29,6 +28,34 @@ GEN_PROMPTS, GEN_PROMPT_TOKENS, GEN_NEW_TOKENS = 3, 8, 8
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt",
               "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+class ExportConfig(StageConfig):
+    """ONNX export through optimum, checked against PyTorch on real eval inputs."""
+
+    kind: Literal["export"] = "export"
+    opset: int | None = Field(None, ge=11)
+    atol: float = Field(1e-4, gt=0, description="Max abs difference of logits vs PyTorch.")
+    parity_samples: int = Field(32, ge=1)
+
+    output_format: ClassVar[str] = "onnx"
+
+    def check(self, recipe: Any, index: int) -> None:
+        earlier = [i for i, s in enumerate(recipe.stages[:index]) if s.kind == self.kind]
+        if earlier:
+            raise ValueError(f"{self.where(index)}: the model is already exported at "
+                             f"stages[{earlier[0]}]")
+
+    def apply(self, ref: ModelRef, ctx: StageContext, out: Path) -> dict[str, Any]:
+        if ref.format != "hf":
+            raise StageError("export: the input is already ONNX")
+        if ref.task not in TASKS:
+            raise StageError(f"export: no ONNX export for task {ref.task!r}")
+        trc = ctx.recipe.model.trust_remote_code
+        _export(ref, TASKS[ref.task], self, out, trc)
+        if ref.task == "causal-lm":
+            return _check_causal_lm(ref, self, ctx, out, trc)
+        return _check_classifier(ref, self, ctx, out, trc)
 
 
 def greedy(model: Any, prompts: list[list[int]], pad_id: int | None,
@@ -40,7 +67,7 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int | None,
     out = []
     for p in prompts:
         ids = torch.tensor([p], dtype=torch.long)
-        with torch.inference_mode(), quiet():
+        with torch.inference_mode(), quiet(stdout=True):
             gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=pad_id)
@@ -52,39 +79,29 @@ def _export(ref: ModelRef, task: str, cfg: ExportConfig, out: Path, trc: bool) -
     from optimum.exporters.onnx import main_export
 
     try:
-        with quiet():
+        with quiet(stdout=True):
             main_export(ref.path, output=out, task=task, opset=cfg.opset, do_validation=False,
                         trust_remote_code=trc, library_name="transformers")
     except Exception as e:  # optimum raises many kinds; the card needs the reason in one line
         raise StageError(f"export: optimum could not export {ref.path}: "
-                         f"{str(e).strip().splitlines()[0][:300]}") from None
+                         f"{first_line(e)}") from None
     if not (out / ONNX_FILE).is_file():
         raise StageError(f"export: optimum wrote no {ONNX_FILE}")
 
 
-def apply(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path) -> dict[str, Any]:
-    if ref.format != "hf":
-        raise StageError("export: the input is already ONNX")
-    if ref.task not in TASKS:
-        raise StageError(f"export: no ONNX export for task {ref.task!r}")
-    trc = ctx.recipe.model.trust_remote_code
-    _export(ref, TASKS[ref.task], cfg, out, trc)
-    if ref.task == "causal-lm":
-        return _check_causal_lm(ref, cfg, ctx, out, trc)
-    return _check_classifier(ref, cfg, ctx, out, trc)
-
-
 def _check_classifier(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path,
                       trc: bool) -> dict[str, Any]:
+    import numpy as np
+
     from compress.data import encode, loader
     from compress.evaluate import OrtPredictor, TorchPredictor
     from compress.measure import default_threads
-    from compress.models import load_classifier, load_tokenizer
+    from compress.models import load_model, load_tokenizer
 
     threads = default_threads()
     tok = load_tokenizer(ref.path, trust_remote_code=trc)
-    torch_pred = TorchPredictor(load_classifier(ref.path, ctx.data.num_labels,
-                                                trust_remote_code=trc), threads)
+    torch_pred = TorchPredictor(load_model(ref.path, ref.task, ctx.data.num_labels,
+                                           trust_remote_code=trc), threads)
     ort_pred = OrtPredictor(str(out / ONNX_FILE), threads)
     n = min(cfg.parity_samples, len(ctx.data.eval))
     enc = encode(ctx.data.eval.select(range(n)), tok, ctx.data.spec.max_length)
@@ -113,9 +130,11 @@ def _ensure_side_files(src: Path, out: Path, tok: Any) -> None:
 
 def _check_causal_lm(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path,
                      trc: bool) -> dict[str, Any]:
+    import numpy as np
     import torch
 
     from compress.data import encode, loader
+    from compress.evaluate import ort_causal_lm
     from compress.measure import default_threads
     from compress.models import load_model, load_tokenizer
 

@@ -40,7 +40,7 @@ def test_validate_prints_the_plan(write_recipe):
 @pytest.mark.parametrize(("edit", "expect"), [
     (lambda d: d["stages"][0].update(heds=0.5), "stages[0].heds: unknown field; did you mean "
                                                 "'heads'?"),
-    (lambda d: d["stages"].reverse(), "ONNX Runtime quantization needs an exported model"),
+    (lambda d: d["stages"].reverse(), "needs an ONNX model"),
     (lambda d: d["model"].update(path="/nonexistent/model"), "model.path: /nonexistent/model: "
                                                              "no such folder"),
     (lambda d: d["data"].update(label_column="sentiment"), "data.label_column: column "

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.e2e
 def test_grid_makes_named_validated_variants(write_recipe):
     from compress.errors import RecipeError
     from compress.recipe import load_recipe
-    from flows.sweep import parse_sets, variants
+    from compress.sweep import parse_sets, variants
 
     recipe = load_recipe(write_recipe([{"kind": "prune", "ffn": 0.5}, {"kind": "export"}]))
     grid = parse_sets(["stages[0].ffn=0.25,0.5", "stages[0].heads=0,0.25"])
@@ -43,7 +43,8 @@ def test_sweep_runs_each_variant_as_its_own_flow_run(prefect_harness, write_reci
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
     from compress.recipe import load_recipe
-    from flows.sweep import parse_sets, run_sweep
+    from compress.sweep import parse_sets
+    from flows.sweep import run_sweep
 
     recipe = load_recipe(write_recipe([{"kind": "prune", "ffn": 0.5}]))
     reports = tmp_path / "reports"

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from compress.errors import StageError
-from compress.pipeline import _data, make_plan, run_stage
-from compress.recipe import STAGE_CONFIGS, load_recipe
-from compress.stages import StageContext
+from compress.pipeline import make_plan, plan_data, run_stage
+from compress.recipe import load_recipe
+from compress.stage import StageContext
+from compress.stages.bnb import BnbConfig
 
 pytestmark = pytest.mark.integration
 
@@ -20,16 +21,14 @@ pytest.importorskip("bitsandbytes")
 
 
 def run_bnb(write_recipe, tmp_path, stage: dict) -> tuple[dict, object]:
-    """bnb.apply straight (not run_stage: evaluating the output is evaluate.py's business)."""
-    from compress.stages import bnb
-
+    """The stage's apply straight (not run_stage: evaluating the output is evaluate.py's)."""
     plan = make_plan(load_recipe(write_recipe([stage], name=f"bnb{stage['bits']}.yaml")))
-    cfg = STAGE_CONFIGS["bnb"].model_validate(plan.stages[0].config)
-    ctx = StageContext(recipe=plan.recipe, data=_data(plan), reference=plan.source)
+    cfg = plan.stages[0].config
+    ctx = StageContext(recipe=plan.recipe, data=plan_data(plan), reference=plan.source)
     out = tmp_path / f"out{stage['bits']}"
     out.mkdir()
     try:
-        info = bnb.apply(plan.source, cfg, ctx, out)
+        info = cfg.apply(plan.source, ctx, out)
     except StageError as e:
         if torch.cuda.is_available():
             raise
@@ -84,15 +83,13 @@ def test_bnb_on_gpu_reports_cuda_memory(write_recipe, tmp_path):
 
 def test_bnb_needs_a_pytorch_model(write_recipe):
     from compress.artifact import ModelRef
-    from compress.stages import bnb
 
     plan = make_plan(load_recipe(write_recipe([{"kind": "bnb"}])))
     onnx_ref = ModelRef(path="/nowhere", format="onnx", task="sequence-classification",
                         hash="0" * 64, stage="export", onnx_file="model.onnx")
-    ctx = StageContext(recipe=plan.recipe, data=_data(plan), reference=plan.source)
+    ctx = StageContext(recipe=plan.recipe, data=plan_data(plan), reference=plan.source)
     with pytest.raises(StageError, match="bnb: needs a PyTorch"):
-        bnb.apply(onnx_ref, STAGE_CONFIGS["bnb"].model_validate({"kind": "bnb"}), ctx,
-                  plan.source.dir)
+        BnbConfig().apply(onnx_ref, ctx, plan.source.dir)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

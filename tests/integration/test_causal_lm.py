@@ -74,15 +74,15 @@ def test_token_level_losses_mask_the_shift_and_padding():
     """What the stage's loss sees: position t against token t + 1, padding excluded."""
     from types import SimpleNamespace
 
-    from compress.recipe import DistillConfig
-    from compress.stages.distill import kd_loss
+    from compress.distillation import kd_loss
+    from compress.stages.distill import DistillConfig
 
     torch.manual_seed(0)
     s = torch.randn(2, 5, 7)
     t = torch.randn(2, 5, 7)
     y = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    fn = kd_loss(DistillConfig(alpha=0.5, temperature=2.0))
+    fn = kd_loss(DistillConfig(alpha=0.5, temperature=2.0).terms())
     got = fn(SimpleNamespace(logits=s), [SimpleNamespace(logits=t)], y,
              {"attention_mask": mask})
     # by hand: positions (0..3) of row 0 and (0..1) of row 1 predict the next token
@@ -166,7 +166,7 @@ def test_int8_teacher_needs_a_gpu(tmp_path, lm_assets):
 @pytest.mark.parametrize(("stage", "message"), [
     ({"kind": "distill", "attention_weight": 1.0}, "attention-map matching is for encoders"),
     ({"kind": "distill", "teacher_cache": True, "divergence": "jsd"}, "supports divergence"),
-    ({"kind": "quantize", "method": "int4"}, "needs an exported model"),
+    ({"kind": "quantize", "method": "int4"}, "needs an ONNX model"),
 ])
 def test_lm_recipe_mistakes_are_named(tmp_path, lm_assets, stage, message):
     with pytest.raises(RecipeError, match=message):

@@ -13,10 +13,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from compress.diagnose import Diagnosis, diagnose, group_of
+from compress.arch import onnx_layer_group as group_of
+from compress.diagnose import diagnose, on_gate_failure
 from compress.errors import CompressError, GateFailed
 from compress.pipeline import execute, make_plan, run_stage
 from compress.recipe import load_recipe
+from compress.report import Diagnosis
 from tests.conftest import recipe_dict
 
 pytestmark = pytest.mark.integration
@@ -115,7 +117,7 @@ def test_planted_culprit_is_ranked_first(quantized):
 def test_failed_gate_report_names_the_culprit(quantized, tmp_path):
     plan = make_plan(load_recipe(quantized))
     with pytest.raises(GateFailed, match="max_accuracy_drop"):
-        execute(plan, tmp_path / "reports", run_id="r1")
+        execute(plan, tmp_path / "reports", run_id="r1", on_gate_failure=on_gate_failure)
     folder = tmp_path / "reports" / "tiny" / "r1"
     rep = json.loads((folder / "report.json").read_text())
     assert rep["status"] == "failed"
@@ -136,7 +138,7 @@ def test_a_broken_diagnosis_never_hides_the_gate_failure(quantized, tmp_path, mo
     monkeypatch.setattr(compress.diagnose, "diagnose", boom)
     plan = make_plan(load_recipe(quantized))
     with pytest.raises(GateFailed):
-        execute(plan, tmp_path / "reports", run_id="r2")
+        execute(plan, tmp_path / "reports", run_id="r2", on_gate_failure=on_gate_failure)
     rep = json.loads((tmp_path / "reports" / "tiny" / "r2" / "report.json").read_text())
     assert rep["diagnosis"]["error"] == "RuntimeError: probe exploded"
     assert "No layer-by-layer diagnosis: RuntimeError: probe exploded" in \
@@ -156,7 +158,8 @@ def test_cli_diagnose_prints_the_ranking_and_refuses_unrun_stages(quantized, tmp
     assert r.exit_code == 0 and json.loads(r.output)["exclude"] == [f"{GROUP}/*"]
     r = runner.invoke(app, ["diagnose", str(quantized), "--stage", "0"], catch_exceptions=False)
     assert r.exit_code == 1
-    assert "stage kind 'export' is not supported yet" in r.output
+    assert "this export configuration cannot be probed layer by layer yet (supported: " \
+        "quantize (method dynamic))" in r.output
     fresh = tmp_path / "fresh"
     r = runner.invoke(app, ["diagnose", str(quantized), "--stage", "1", "--output-root",
                             str(fresh)], catch_exceptions=False)

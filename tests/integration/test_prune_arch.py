@@ -12,11 +12,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from compress import pruning
 from compress.data import load_task_data
-from compress.errors import StageError
+from compress.errors import RecipeError, StageError
 from compress.pipeline import make_plan
-from compress.recipe import PruneConfig, load_recipe
-from compress.stages import StageContext, prune
+from compress.recipe import load_recipe
+from compress.stage import StageContext
+from compress.stages.prune import PruneConfig
 from compress.testing import make_text_file, make_tiny_llama
 
 pytestmark = pytest.mark.integration
@@ -38,7 +40,7 @@ def run_prune(tmp_path: Path, model: Path, data: Path, stage: dict,
     out = tmp_path / "pruned"
     out.mkdir()
     cfg = PruneConfig.model_validate({"kind": "prune", **stage})
-    return prune.apply(plan.source, cfg, ctx, out), out
+    return cfg.apply(plan.source, ctx, out), out
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +122,8 @@ def test_gqa_ratio_that_splits_a_group_is_refused(tmp_path, text_data):
     with pytest.raises(StageError, match=r"prune.heads: 0.15 does not remove a whole number of "
                        r"the 3 key/value groups; ratios that work: 0.333, 0.667"):
         run_prune(tmp_path, model, text_data, {"heads": 0.15}, task="causal-lm")
-    assert prune._kv_groups_to_remove(0.333, 3) == 1  # the printed ratios are accepted
-    assert prune._kv_groups_to_remove(2 / 3, 3) == 2
+    assert pruning._kv_groups_to_remove(0.333, 3) == 1  # the printed ratios are accepted
+    assert pruning._kv_groups_to_remove(2 / 3, 3) == 2
 
 
 def test_depth_drops_the_layer_that_does_nothing(tmp_path, text_data):
@@ -193,6 +195,11 @@ def test_unsupported_architecture_is_named(tmp_path, text_data):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=32, n_head=2,
                                n_positions=64)).save_pretrained(path)
     tok.save_pretrained(path)
-    with pytest.raises(StageError, match=r"prune: architecture 'gpt2' is not supported "
-                       r"\(supported: bert, .*distilbert, llama, mistral, qwen2\)"):
+    # refused when the recipe is planned, before any work (the layout refuses it too)
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(prune\): architecture 'gpt2' is not "
+                       r"supported \(supported: bert, .*distilbert, llama, mistral, qwen2\)"):
         run_prune(tmp_path, path, text_data, {"ffn": 0.5}, task="causal-lm")
+    from compress.arch import layout_for
+
+    with pytest.raises(StageError, match="prune: architecture 'gpt2' is not supported"):
+        layout_for(GPT2LMHeadModel.from_pretrained(path))

@@ -17,9 +17,9 @@ import yaml
 from compress.artifact import ModelRef, read_ref
 from compress.errors import StageError
 from compress.evaluate import SESSION_FILE, ort_causal_lm
-from compress.pipeline import make_plan, run_stage
-from compress.recipe import STAGE_CONFIGS, load_recipe
-from compress.stages import StageContext, registry
+from compress.pipeline import make_plan, plan_data, run_stage
+from compress.recipe import load_recipe
+from compress.stage import StageContext
 from compress.stages.export import greedy
 from compress.testing import run_stages as run_all
 from tests.conftest import recipe_dict
@@ -58,17 +58,15 @@ def lm_plan(tmp: Path, model: Path, text: Path, stages: list[dict]):
 
 def apply_stage(plan, index: int, ref: ModelRef) -> tuple[ModelRef, dict]:
     """One stage's apply into its output folder, no evaluation."""
-    from compress.pipeline import _data
-
     ps = plan.stages[index]
-    cfg = STAGE_CONFIGS[ps.kind].model_validate(ps.config)
     out = Path(ps.output_dir)
     out.mkdir(parents=True)
-    ctx = StageContext(recipe=plan.recipe, data=_data(plan), reference=plan.source,
+    ctx = StageContext(recipe=plan.recipe, data=plan_data(plan), reference=plan.source,
                        work_dir=out.parent / "work" / out.name)
-    info = registry()[ps.kind](ref, cfg, ctx, out)
+    info = ps.config.apply(ref, ctx, out)
     new = ModelRef(path=str(out), format="onnx", task=ref.task, hash=ps.hash, stage=ps.kind,
-                   parent=ref.hash, config=ps.config, onnx_file=info.pop("onnx_file"))
+                   parent=ref.hash, config=ps.config.model_dump(mode="json"),
+                   onnx_file=info.pop("onnx_file"))
     return new, info
 
 
@@ -250,11 +248,9 @@ def edge_module():
 
 
 def test_edge_benchmark_building_blocks(write_recipe, tmp_path, capsys):
-    from compress.pipeline import _data
-
     edge = edge_module()
     plan, [_, final] = run_all(write_recipe([{"kind": "export"}, {"kind": "quantize"}]))
-    data = _data(plan)
+    data = plan_data(plan)
     root = tmp_path / "bench-edge"
     refs = edge.variants(plan, data, plan.source, final.model, root)
     assert list(refs) == ["fp32 (teacher)", "dynamic int8 (teacher)", "static int8 (teacher)",
@@ -279,8 +275,7 @@ def test_edge_benchmark_without_demo_outputs_says_run_make_demo(write_recipe, ca
 
 def test_preset_isa_missing_on_this_cpu_is_a_warning(monkeypatch):
     import compress.measure
-    from compress.recipe import QuantizeConfig
-    from compress.stages.quantize import _cpu_check
+    from compress.stages.quantize import QuantizeConfig, _cpu_check
 
     monkeypatch.setattr(compress.measure, "cpu_info", lambda: {"flags": ["avx2"]})
     flags, warns = _cpu_check(QuantizeConfig(target="avx512_vnni"))

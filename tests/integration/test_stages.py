@@ -120,7 +120,8 @@ def test_trust_remote_code_is_off_unless_asked_and_warned_on_the_card(write_reci
     import yaml
 
     from compress.pipeline import evaluate_reference
-    from compress.report import RunReport, render_markdown
+    from compress.render import render_markdown
+    from compress.report import RunReport
 
     p = write_recipe([{"kind": "export"}])
     plain = make_plan(load_recipe(p))
@@ -133,3 +134,31 @@ def test_trust_remote_code_is_off_unless_asked_and_warned_on_the_card(write_reci
     assert "trust_remote_code is on" in card.warnings[0]
     md = render_markdown(RunReport(recipe="tiny", run_id="r", started_at="now", reference=card))
     assert "trust_remote_code is on" in md
+
+
+def test_the_recipes_metric_leads_the_card_and_every_score_is_kept(tmp_path, tiny_model):
+    """macro-F1 / F1 of a named class: what imbalanced data needs; the card keeps accuracy."""
+    import csv
+
+    import yaml
+
+    from compress.pipeline import evaluate_reference
+    from tests.conftest import recipe_dict
+
+    data = tmp_path / "named.csv"
+    with open(data, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([[f"the movie was {'great' if i % 4 == 0 else 'dull'} {i}",
+                      "pos" if i % 4 == 0 else "neg"] for i in range(80)])
+    raw = recipe_dict(tiny_model, data, tmp_path / "out", [{"kind": "prune", "ffn": 0.5}])
+    raw["evaluation"] = {**raw["evaluation"], "metric": "f1", "positive_label": "pos"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    plan = make_plan(load_recipe(tmp_path / "r.yaml"))
+    m = evaluate_reference(plan).metrics
+    assert m.metric == "f1" and set(m.scores) == {"accuracy", "macro_f1", "f1"}
+    assert m.value == m.scores["f1"]
+    raw["evaluation"]["metric"] = "macro_f1"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    m2 = evaluate_reference(make_plan(load_recipe(tmp_path / "r.yaml"))).metrics
+    assert m2.metric == "macro_f1" and m2.value == m.scores["macro_f1"]

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from compress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from compress.testing import dead_owner_folder
 
 pytestmark = pytest.mark.unit
 
@@ -104,13 +105,15 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000005"]
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000005"
 
-    # A folder left by a killed process (no rename, no cleanup) is ignored, then swept.
-    (tmp_path / ".tmp-step-00000010-abc").mkdir()
-    (tmp_path / ".tmp-step-00000010-abc" / "state.json").write_text("{}")
+    # A folder left by a killed process (no rename, no cleanup) is ignored, then swept; one we
+    # did not make (no owner record) is never touched.
+    dead = dead_owner_folder(tmp_path / ".tmp-step-00000010-abc")
+    (dead / "state.json").write_text("{}")
+    (tmp_path / ".tmp-step-foreign").mkdir()
     (tmp_path / "step-00000011").mkdir()  # incomplete: no state.json
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000005"
     save_checkpoint(tmp_path, 12, model=model, optimizer=opt, scheduler=sched)
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert [p.name for p in tmp_path.glob(".tmp-*")] == [".tmp-step-foreign"]
 
 
 def test_latest_checkpoint_missing_folder(tmp_path):

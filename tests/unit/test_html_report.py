@@ -1,4 +1,4 @@
-"""HTML report page, Pareto front and night-to-night comparison, on synthetic run reports."""
+"""HTML report page and Pareto front, on synthetic run reports (shared with test_compare)."""
 
 from __future__ import annotations
 
@@ -6,40 +6,12 @@ import re
 
 import pytest
 
-from compress.artifact import ModelRef
-from compress.evaluate import Metrics
-from compress.html_report import compare, pareto_front, render_html, write_html
-from compress.measure import Latency
-from compress.report import GateResult, RunReport, StageCard
+from compress.html_report import pareto_front, render_html
+from compress.report import GateResult, RunReport, read_report
+from compress.report_io import write_report
+from tests.conftest import card, run
 
 pytestmark = pytest.mark.unit
-
-ENV = {"python": "3.11.9", "platform": "Linux", "threads": 4, "git_commit": "abc123",
-       "cpu": {"model": "Test CPU 9000", "arch": "x86_64", "logical_cores": 8,
-               "flags": ["avx2", "avx512_vnni"]},
-       "packages": {"torch": "2.13.0", "onnxruntime": "1.31.0"}}
-
-
-def card(name: str, value: float, p50: float, size: float, *, metric: str = "accuracy",
-         kind: str = "stage") -> StageCard:
-    """A card from what the report shows: metric value, p50 batch-1 ms, size in MB."""
-    lat = [Latency(runtime="torch", batch_size=b, sequence_length=128, threads=4, warmup=2,
-                   runs=10, p50_ms=p50 * b, p90_ms=p50 * b * 1.1, p99_ms=p50 * b * 1.2,
-                   mean_ms=p50 * b) for b in (1, 8)]
-    m = Metrics(metric=metric, value=value, eval_samples=100, runtime="torch", device="cpu",
-                latency=lat, parameters=1_000_000, size_bytes=int(size * 1e6),
-                dir_bytes=int(size * 1e6) + 1000, peak_rss_mb=300.0, rss_increase_mb=50.0,
-                eval_seconds=1.0)
-    ref = ModelRef(path=f"/tmp/{name}", format="hf", task="text-classification",
-                   hash="0" * 64, stage=kind)
-    return StageCard(name=name, kind=kind, index=None, model=ref, metrics=m)
-
-
-def run(run_id: str, ref: StageCard, *stages: StageCard, status: str = "passed") -> RunReport:
-    return RunReport(recipe="bert-edge", run_id=run_id, status=status,
-                     started_at="2025-01-01T00:00:00", environment=ENV, reference=ref,
-                     stages=list(stages))
-
 
 @pytest.fixture
 def tonight() -> RunReport:
@@ -96,51 +68,9 @@ def test_scatter_marks_exactly_the_front(tonight):
     assert page.count('class="front"') == 3
 
 
-def test_compare_identical_reports_flags_nothing(tonight):
-    text, problems = compare(tonight, tonight.model_copy(deep=True))
-    assert problems == []
-    lines = text.splitlines()
-    assert lines[0].startswith("| stage | metric a → b")
-    assert any(line.startswith("| prune |") for line in lines)
-    assert any(line.startswith("| final (quantize) |") for line in lines)
-
-
-def test_compare_flags_accuracy_drop_and_latency_rise(tonight):
-    b = tonight.model_copy(deep=True)
-    b.stages[-1].metrics.value = 83.9  # -1.30 points
-    b.stages[0].metrics.latency[0].p50_ms = 30.0  # prune b1: 25 -> 30 ms, +20 %
-    b.stages[1].metrics.latency[0].p50_ms = 10.5  # +5 %: within tolerance
-    _, problems = compare(tonight, b)
-    assert "final (quantize): accuracy 85.20 -> 83.90 (-1.30 points, allowed -0.50)" in problems
-    assert len(problems) == 2
-    assert problems[0].startswith("prune: p50 batch-1 25.00 -> 30.00 ms (+20.0%")
-    assert compare(tonight, b, max_metric_drop=2.0, max_latency_rise=0.25)[1] == []
-
-
-def test_compare_perplexity_is_relative_and_lower_is_better():
-    a = run("a", card("reference", 20.0, 40.0, 500.0, metric="perplexity"),
-            card("quantize", 21.0, 10.0, 130.0, metric="perplexity"))
-    b = a.model_copy(deep=True)
-    b.stages[0].metrics.value = 21.05  # +0.24 %: fine at 0.5 %
-    assert compare(a, b)[1] == []
-    b.stages[0].metrics.value = 21.5  # +2.4 %
-    (msg,) = compare(a, b)[1]
-    assert msg.startswith("final (quantize): perplexity 21.00 -> 21.50")
-    b.stages[0].metrics.value = 18.0  # better
-    assert compare(a, b)[1] == []
-
-
-def test_compare_handles_changed_recipes(tonight):
-    b = run("run-43", tonight.reference, tonight.stages[0], card("distill", 85.5, 12.0, 200.0))
-    text, problems = compare(tonight, b)
-    assert "| distill | — → 85.50 | — → 12.00 | — → 200.0 |" in text
-    assert "| quantize | 85.20 → — |" in text
-    assert any(line.startswith("| final (distill) | 85.20 → 85.50") for line in text.split("\n"))
-    assert len(problems) == 1 and problems[0].startswith("final (distill): p50 batch-1")
-
-
-def test_write_html(tonight, tmp_path):
-    path = write_html(tonight, tmp_path / "out")
-    assert path == tmp_path / "out" / "report.html"
-    assert path.read_text(encoding="utf-8") == render_html(tonight)
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+def test_write_report_writes_every_format_atomically(tonight, tmp_path):
+    folder = write_report(tonight, tmp_path / "out")
+    assert (folder / "report.html").read_text(encoding="utf-8") == render_html(tonight)
+    assert read_report(folder) == tonight
+    assert (folder / "report.md").read_text().startswith("# bert-edge — run run-42")
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]

@@ -9,11 +9,11 @@ import torch
 
 from compress.losses import (
     attention_kl_loss,
-    distillation_loss,
     generalized_jsd_loss,
     hard_label_loss,
     hidden_state_loss,
     kd_kl_loss,
+    mix_soft_hard,
     reverse_kl_loss,
     topk_kd_kl_loss,
     uniform_layer_map,
@@ -141,44 +141,48 @@ def test_hard_label_hand_computed_and_ignore_index():
     assert all_ignored.item() == 0.0
 
 
-def test_distillation_loss_hand_computed_default_temperature():
-    # Defaults alpha=0.5, T=2. Teacher [2 ln 3, 0] / 2 -> [3/4, 1/4]; student [0, 0] -> [1/2, 1/2].
+def _mixed(s, te, y, alpha=0.5, temperature=2.0, mask=None):
+    return mix_soft_hard(kd_kl_loss(s, te, temperature, mask), s, y, alpha, mask)
+
+
+def test_mix_soft_hard_hand_computed():
+    # alpha=0.5, T=2. Teacher [2 ln 3, 0] / 2 -> [3/4, 1/4]; student [0, 0] -> [1/2, 1/2].
     # KD term is T**2 * KL; the CE term uses the raw (T=1) student logits: -log(1/2) = ln 2.
     kd = 4 * (0.75 * math.log(1.5) + 0.25 * math.log(0.5))
     expected = 0.5 * kd + 0.5 * LN2
-    got = distillation_loss(t([[0.0, 0.0]]), t([[2 * LN3, 0.0]]), torch.tensor([0]))
+    got = _mixed(t([[0.0, 0.0]]), t([[2 * LN3, 0.0]]), torch.tensor([0]))
     assert got.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_distillation_alpha_limits():
+def test_mix_soft_hard_alpha_limits():
     s, te, y = _rand(2, 3, 5, seed=9), _rand(2, 3, 5, seed=10), torch.tensor([[0, 1, 2]] * 2)
-    pure_kd = distillation_loss(s, te, None, alpha=1.0, temperature=3.0)
-    assert pure_kd.item() == pytest.approx(kd_kl_loss(s, te, temperature=3.0).item(), rel=1e-6)
-    plain_ft = distillation_loss(s, None, y, alpha=0.0)
+    soft = kd_kl_loss(s, te, temperature=3.0)
+    pure_kd = mix_soft_hard(soft, s, None, alpha=1.0)
+    assert pure_kd.item() == pytest.approx(soft.item(), rel=1e-6)
+    plain_ft = mix_soft_hard(soft, s, y, alpha=0.0)
     assert plain_ft.item() == pytest.approx(hard_label_loss(s, y).item(), rel=1e-6)
-    mixed = distillation_loss(s, te, y, alpha=0.3, temperature=3.0)
+    mixed = mix_soft_hard(soft, s, y, alpha=0.3)
     assert mixed.item() == pytest.approx(0.3 * pure_kd.item() + 0.7 * plain_ft.item(), rel=1e-5)
 
 
-def test_distillation_bad_arguments():
+def test_mix_soft_hard_bad_arguments():
     s, te, y = _rand(2, 3), _rand(2, 3), torch.tensor([0, 1])
+    soft = kd_kl_loss(s, te)
     for alpha in (-0.1, 1.5):
         with pytest.raises(ValueError, match="alpha"):
-            distillation_loss(s, te, y, alpha=alpha)
+            mix_soft_hard(soft, s, y, alpha=alpha)
     with pytest.raises(ValueError, match="labels are required"):
-        distillation_loss(s, te, None, alpha=0.5)
-    with pytest.raises(ValueError, match="teacher_logits are required"):
-        distillation_loss(s, None, y, alpha=0.5)
-    with pytest.raises(ValueError, match="temperature"):
-        distillation_loss(s, te, y, temperature=0.0)
+        mix_soft_hard(soft, s, None, alpha=0.5)
+    with pytest.raises(ValueError, match="mask shape"):
+        mix_soft_hard(soft, s, y, alpha=0.5, mask=torch.ones(3, dtype=torch.bool))
 
 
-def test_distillation_mask_also_drops_labels():
+def test_mix_soft_hard_mask_also_drops_labels():
     s, te = _rand(1, 3, 4, seed=11), _rand(1, 3, 4, seed=12)
     mask = torch.tensor([[True, True, False]])
     y = torch.tensor([[1, 2, 3]])
-    got = distillation_loss(s, te, y, alpha=0.5, mask=mask)
-    want = distillation_loss(s[:, :2], te[:, :2], y[:, :2], alpha=0.5)
+    got = _mixed(s, te, y, alpha=0.5, mask=mask)
+    want = _mixed(s[:, :2], te[:, :2], y[:, :2], alpha=0.5)
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
@@ -316,7 +320,7 @@ def test_gradient_flows_to_student_only(fn):
 
 def test_gradient_flows_for_distillation_and_hidden_losses():
     s = _rand(2, 3, 5, seed=21).requires_grad_()
-    distillation_loss(s, _rand(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)).backward()
+    _mixed(s, _rand(2, 3, 5), torch.zeros(2, 3, dtype=torch.long)).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     h = _rand(2, 3, 4).requires_grad_()
     for kind in ("mse", "cosine"):

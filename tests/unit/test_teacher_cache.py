@@ -129,7 +129,7 @@ def test_crash_before_or_during_finish_leaves_no_folder(tmp_path, monkeypatch):
 
     writer = TopKCacheWriter(folder, num_examples=2, k=K)
     writer.add([0, 1], torch.randn(2, V))
-    real_save, calls = teacher_cache._save_npy, []
+    real_save, calls = np.save, []
 
     def crash_on_second(path, array):
         calls.append(path)
@@ -137,7 +137,7 @@ def test_crash_before_or_during_finish_leaves_no_folder(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_save(path, array)
 
-    monkeypatch.setattr(teacher_cache, "_save_npy", crash_on_second)
+    monkeypatch.setattr(teacher_cache.np, "save", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
         writer.finish()
     assert TopKCache.open(folder) is None

@@ -1,0 +1,142 @@
+"""Markdown renderings of report data: the card table (also the Prefect table artifact), the
+whole card, the diagnosis section and a run comparison. Pure functions of report data."""
+
+from __future__ import annotations
+
+from compress.compare import Comparison
+from compress.report import Diagnosis, RunReport, StageCard, deltas
+
+
+def _row(report: RunReport, card: StageCard, batch: int) -> list[str]:
+    m = card.metrics
+    d = deltas(report, card)
+    metric = f"{m.value:.2f}" if m.metric != "perplexity" else f"{m.value:.2f} ppl"
+    if d and card is not report.reference:
+        metric += f" ({d['metric_change']:+.2f})"
+    b1 = next((x for x in m.latency if x.batch_size == 1), m.latency[0])
+    bn = next((x for x in m.latency if x.batch_size == batch), b1)
+    speed = f" ({d['speedup_b1']:.2f}x)" if d and card is not report.reference else ""
+    size = f"{m.size_bytes / 1e6:.1f}" + (f" ({d['size_ratio']:.2f}x)" if d and
+                                          card is not report.reference else "")
+    return [
+        card.name + (" ♻" if card.reused else ""), m.runtime, metric,
+        f"{b1.p50_ms:.2f}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", f"{bn.p50_ms:.1f}",
+        f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.3g}", size,
+        f"{m.peak_rss_mb:.0f}",
+    ]
+
+
+def table(report: RunReport) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the stage-by-stage table (also used for Prefect table artifacts)."""
+    cards = report.cards()
+    batch = max((x.batch_size for c in cards for x in c.metrics.latency), default=1)
+    metric = cards[0].metrics.metric if cards else "accuracy"
+    head = ["stage", "runtime", f"{metric} (Δ)", "p50 b1 ms (speed-up)", "p90 / p99 b1 ms",
+            f"p50 b{batch} ms", "params", "GMACs", "size MB (smaller)", "peak RSS MB"]
+    return head, [_row(report, c, batch) for c in cards]
+
+
+def _notes(report: RunReport) -> list[str]:
+    notes = []
+    for c in report.stages:
+        parity = c.info.get("parity")
+        if parity:
+            notes.append(f"- {c.name}: ONNX vs PyTorch max |Δlogit| = "
+                         f"{parity['max_abs_diff']:.2e} (atol {parity['atol']:g}) on "
+                         f"{parity['samples']} examples")
+        tr = c.info.get("training")
+        if tr:
+            tokens = f", {tr['tokens_per_s']} tokens/s" if tr.get("tokens_per_s") else ""
+            notes.append(f"- {c.name}: {tr['steps']} steps, final loss {tr['final_loss']}, "
+                         f"{tr['samples_per_s']} samples/s{tokens} on {tr['device']} "
+                         f"({tr['precision']}, {tr.get('processes', 1)} process(es))")
+        notes += [f"- {c.name}: {n}" for n in c.notes]
+        notes += [f"- ⚠ {c.name}: {w}" for w in c.warnings]
+    if report.reference:
+        notes += [f"- ⚠ {report.reference.name}: {w}" for w in report.reference.warnings]
+    scores = [c for c in report.cards() if len(c.metrics.all_scores()) > 1]
+    if scores:
+        notes += [f"- {c.name}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                              c.metrics.all_scores().items()) for c in scores]
+    return notes
+
+
+def render_markdown(report: RunReport) -> str:
+    head, rows = table(report)
+    lines = [f"# {report.recipe} — run {report.run_id}", "",
+             f"Status: **{report.status}**  ·  started {report.started_at}"
+             + (f"  ·  finished {report.finished_at}" if report.finished_at else ""), ""]
+    if report.error:
+        lines += [f"> Error: {report.error}", ""]
+    lines += [f"> ⚠ {w}" for w in report.warnings] + ([""] if report.warnings else [])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Deltas and ratios are against the reference (first row); ONNX rows compare "
+              "with the reference timed in ONNX Runtime fp32. ♻ = reused from an earlier run. "
+              "GMACs: weight matmuls for one sequence of the timed length.", ""]
+    if report.gates:
+        lines += ["## Gates", ""]
+        lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"
+                  for g in report.gates]
+        lines.append("")
+    if report.diagnosis:
+        lines += diagnosis_lines(report.diagnosis)
+    notes = _notes(report)
+    if notes:
+        lines += ["## Stage notes", "", *notes, ""]
+    env = report.environment
+    if env:
+        cpu = env.get("cpu", {})
+        pk = env.get("packages", {})
+        lines += ["## Environment", "",
+                  f"- CPU: {cpu.get('model')} ({cpu.get('arch')}, {cpu.get('logical_cores')} "
+                  f"logical cores), flags: {', '.join(cpu.get('flags', [])) or 'none'}",
+                  f"- threads: {env.get('threads')}  ·  python {env.get('python')}  ·  "
+                  f"git {env.get('git_commit')}" + (f"  ·  GPU {env['gpu']}" if 'gpu' in env
+                                                    else ""),
+                  "- " + ", ".join(f"{k} {v}" for k, v in pk.items() if v), ""]
+    return "\n".join(lines)
+
+
+def diagnosis_lines(dg: Diagnosis) -> list[str]:
+    """The card's diagnosis section: a ranked table (top N) and the suggestion."""
+    lines = [f"## Diagnosis: stages[{dg.stage_index}] ({dg.stage})", ""]
+    if dg.error:
+        return [*lines, f"No layer-by-layer diagnosis: {dg.error}", ""]
+    cls = dg.baseline is not None
+    lines.append(f"Each layer group quantized alone (dynamic INT8), {dg.samples} eval examples, "
+                 f"ranked by {dg.method}" + (" then output error" if dg.method == "accuracy"
+                                             else "") + "."
+                 + (f" fp32 {dg.baseline:.2f} → all quantized {dg.compressed:.2f}."
+                    if cls and dg.compressed is not None else ""))
+    lines.append("")
+    head = ["#", "layer group", "nodes"] + (["accuracy (Δ)"] if cls else []) + \
+        ["output KL vs fp32"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(dg.rows[:dg.top], 1):
+        cells = [str(i), f"`{r.group}`", str(r.nodes)]
+        if cls:
+            cells.append(f"{r.metric:.2f} ({r.delta:+.2f})")
+        cells.append(f"{r.output_error:.3g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", f"Suggestion: {dg.suggestion}", ""]
+
+
+def _cell(x: str) -> str:
+    return x.replace("|", "\\|")
+
+
+def comparison_markdown(c: Comparison) -> str:
+    """The comparison as a Markdown table, one row per stage pair."""
+    lines = ["| stage | metric a → b (Δ) | p50 b1 ms a → b (Δ%) | size MB a → b |",
+             "|---|---|---|---|"]
+    for r in c.rows:
+        metric = " → ".join(f"{v:.2f}" if v is not None else "—" for v in r.metric)
+        if None not in r.metric:
+            metric += f" ({r.metric[1] - r.metric[0]:+.2f})"
+        lat = " → ".join(f"{v:.2f}" if v else "—" for v in r.p50_b1)
+        if all(r.p50_b1):
+            lat += f" ({r.p50_b1[1] / r.p50_b1[0] - 1:+.1%})"
+        size = " → ".join(f"{v / 1e6:.1f}" if v is not None else "—" for v in r.size_bytes)
+        lines.append(f"| {_cell(r.label)} | {metric} | {lat} | {size} |")
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The plain-data parts of a recipe that are not stages: model, data, evaluation, gates.
+
+Every config is a `Strict` model: unknown keys are errors (a typo must not be a silently ignored
+setting) and values are plain data that round-trip through JSON. Stage configs live with their
+stages (compress/stages/); compress.recipe assembles the whole recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Task = Literal["sequence-classification", "causal-lm"]
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys are errors, values are plain data (JSON round-trips)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    path: str = Field(description="Local model directory (save_pretrained layout) or a hub id.")
+    task: Task = "sequence-classification"
+    num_labels: int | None = Field(None, ge=2, description="Classes; default: from the model/data.")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataSpec(Strict):
+    """Classification: a text (and label) column. Causal LM: the text column only; the text is
+    tokenized, concatenated and cut into blocks of `max_length` tokens."""
+
+    path: str = Field(description="Local CSV/TSV/JSON(L)/Parquet/text file, or a hub dataset id.")
+    format: Literal["auto", "csv", "json", "parquet", "text"] = "auto"
+    delimiter: str | None = Field(None, description="CSV delimiter; default ',' ('\\t' for .tsv).")
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str | None = Field(None, description="Named eval split; default: eval_fraction.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_length: int = Field(128, ge=8, le=8192)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class LatencySpec(Strict):
+    batch_size: int = Field(32, ge=1, description="Timed at batch 1 and at this batch size.")
+    sequence_length: int | None = Field(None, ge=1, description="Default: data.max_length.")
+    warmup: int = Field(5, ge=0)
+    runs: int = Field(30, ge=1)
+    threads: int | None = Field(None, ge=1, description="Default: all cores of this machine.")
+
+
+class EvaluationSpec(Strict):
+    metric: Literal["accuracy", "macro_f1", "f1", "perplexity"] | None = Field(
+        None, description="The card's metric; default: accuracy for classifiers, perplexity "
+        "for causal LMs. macro_f1 and f1 (of positive_label) suit imbalanced data.")
+    positive_label: str | int | None = Field(
+        None, description="The positive class for f1 (a class name or id); default for two "
+        "classes: class 1.")
+    batch_size: int = Field(64, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="Cap on eval examples (same for all).")
+    latency: LatencySpec = LatencySpec()
+    reference_onnx: bool = Field(
+        True, description="Also time the original in ONNX Runtime fp32, for like-for-like ratios."
+    )
+
+
+class Gates(Strict):
+    """Checked on the final model against the reference (the original, or the fine-tuned one)."""
+
+    max_accuracy_drop: float | None = Field(None, ge=0, description="In accuracy points (0-100).")
+    max_metric_drop: float | None = Field(
+        None, ge=0, description="The recipe's metric, in points (accuracy, macro_f1, f1).")
+    max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, 0.1 = +10%.")
+    min_size_reduction: float | None = Field(None, gt=0, description="Reference bytes / final.")
+    min_speedup: float | None = Field(None, gt=0, description="Reference p50 / final p50, batch 1.")
+
+
+class DiagnoseSpec(Strict):
+    """When a gate fails, find which layers cost the most (see `compress diagnose`)."""
+
+    on_gate_failure: bool = True
+    max_samples: int = Field(128, ge=1, description="Eval examples per sensitivity probe.")
+    top: int = Field(5, ge=1, description="Layers listed.")
