@@ -20,7 +20,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +172,15 @@ def swap_in(new: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+def staged_dir(final: Path, *, replace: bool = False,
+               before_rename: Callable[[Path], object] | None = None) -> Iterator[Path]:
     """A temp folder beside `final`, moved to `final` only if the block succeeds.
 
     replace=False: if `final` appeared meanwhile (a concurrent run finished the same work),
     theirs is kept and ours dropped. replace=True: `final` is swapped for ours (see swap_in).
-    A crash or kill leaves at most an owned temp folder, removed by a later `remove_orphans`.
+    `before_rename(tmp)` runs last, inside the temp folder (compress.manifest writes the
+    manifest there, so the manifest arrives with the files it describes). A crash or kill leaves
+    at most an owned temp folder, removed by a later `remove_orphans`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +191,8 @@ def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         write_owner(tmp)
         yield tmp
         (tmp / OWNER_FILE).unlink(missing_ok=True)
+        if before_rename is not None:
+            before_rename(tmp)
         fsync_tree(tmp)
         if replace:
             swap_in(tmp, final)

@@ -43,7 +43,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from compress.atomic import atomic_write_text, remove_orphans, staged_dir
+from compress.atomic import atomic_write_text, remove_orphans
+from compress.manifest import finished_dir, quarantine, verify
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -77,7 +78,7 @@ def save_checkpoint(
     remove_orphans(folder)
     final = folder / f"step-{step:08d}"
     # Same step saved again: swapped in, the old one kept until the new one is complete.
-    with staged_dir(final, replace=True) as tmp:
+    with finished_dir(final, replace=True) as tmp:
         tensors, aliases = _dedupe_state_dict(model.state_dict())
         save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt",
                                                        _ALIASES_KEY: json.dumps(aliases)})
@@ -91,10 +92,23 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The complete `step-*` folder (one with state.json) with the highest step, or None."""
-    found = _complete_checkpoints(Path(folder))
-    return found[-1][1] if found else None
+def latest_checkpoint(folder: Path, *, quarantine_root: Path | None = None,
+                      warnings: list[str] | None = None) -> Path | None:
+    """The newest complete `step-*` folder whose manifest verifies (sizes and digests), or None.
+
+    A damaged one is never resumed from: with `quarantine_root` it is moved aside there (and
+    named in `warnings`), and the next newest is tried.
+    """
+    for _, path in reversed(_complete_checkpoints(Path(folder))):
+        problems = verify(path, digests=True)
+        if not problems:
+            return path
+        if quarantine_root is not None:
+            moved = quarantine(path, quarantine_root)
+            if warnings is not None:
+                warnings.append(f"checkpoint {path.name} failed verification ({problems[0]}): "
+                                f"moved to {moved}; resumed from an earlier one or the start")
+    return None
 
 
 def load_checkpoint(

@@ -93,6 +93,15 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
         f"{plan.recipe.metric}"), highlight=False, soft_wrap=True)
     for line in plan.lines():
         _plain("  " + line)
+    for w in plan_warnings(plan):
+        _error("warning", w)
+
+
+def plan_warnings(plan) -> list[str]:  # noqa: ANN001 - a compress.pipeline.Plan
+    """What validation found that does not stop a run (dropped data rows, ...)."""
+    from compress.pipeline import plan_data
+
+    return plan_data(plan).warnings()
 
 
 @app.command()
@@ -101,10 +110,12 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         local: Annotated[bool, typer.Option(help="Run without Prefect.")] = False,
         keep_going: Annotated[bool, typer.Option(help="Record failed gates, exit 0.")] = False,
         ) -> None:
-    """Run a recipe: every stage, a report card after each, gates at the end."""
+    """Run a recipe: every stage, a report card after each, gates at the end. The first Ctrl-C
+    (or SIGTERM) stops it: the run is recorded as interrupted, finished stages are kept."""
     from compress.diagnose import on_gate_failure
+    from compress.interrupt import Interrupted, stop_on_signals
     from compress.models import is_distributed, is_main_process
-    from compress.pipeline import execute, report_folder, run_as_worker
+    from compress.pipeline import execute, new_run_id, run_as_worker
     from compress.report import read_report
 
     try:
@@ -113,34 +124,50 @@ def run(recipe: RecipeArg, output_root: OutputRoot = None,
         raise _fail(e) from None
     for line in plan.lines():
         _plain(line)
+    for w in plan_warnings(plan):
+        _error("warning", w)
     reports_dir = reports_dir.resolve()
+    run_id = new_run_id()
+    folder = reports_dir / plan.recipe.name / run_id
     try:
-        distributed = is_distributed()  # torchrun/accelerate launch: always local
-        if distributed and not is_main_process():  # rank 0 does everything but train
-            run_as_worker(plan)
-            return
-        if local or distributed:
-            report = execute(plan, reports_dir, keep_going=keep_going,
-                             on_gate_failure=on_gate_failure)
-            folder = report_folder(reports_dir, report)
-        else:
-            from flows.compress_flow import compress_recipe
-            from flows.embedded import embedded_server
+        with stop_on_signals():
+            distributed = is_distributed()  # torchrun/accelerate launch: always local
+            if distributed and not is_main_process():  # rank 0 does everything but train
+                run_as_worker(plan)
+                return
+            if local or distributed:
+                execute(plan, reports_dir, run_id=run_id, keep_going=keep_going,
+                        on_gate_failure=on_gate_failure)
+            else:
+                from flows.compress_flow import compress_recipe
+                from flows.embedded import embedded_server
 
-            with embedded_server():  # an embedded server dies with this process
-                result = compress_recipe(recipe=plan.recipe, reports_dir=str(reports_dir),
-                                         keep_going=keep_going)
-            folder = Path(result["report"])
+                with embedded_server():  # an embedded server dies with this process
+                    state = compress_recipe(recipe=plan.recipe, reports_dir=str(reports_dir),
+                                            keep_going=keep_going, run_id=run_id,
+                                            return_state=True)
+                if not (folder / "report.json").is_file():
+                    raise CompressError(state.message or "the flow failed before any stage ran")
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", 2)
+        _error("error", f"{e or 'interrupted'}: the run is recorded as interrupted in "
+                        f"{folder}; finished stages are kept and reused by the next run")
+        raise typer.Exit(128 + signum) from None
     except Exception as e:  # a full disk reads the same whichever stage or library hit it
         if (full := _disk_full(e, plan.recipe.output_root)) is not None:
             raise _fail(CompressError(full)) from None
         if isinstance(e, CompressError):
             raise _fail(e) from None
         raise
+    report = read_report(folder)
     _show((folder / "report.md").read_text())
     _plain(f"report: {folder / 'report.md'}")
-    if read_report(folder).status != "passed" and not keep_going:
-        raise typer.Exit(3)
+    if report.status != "passed":
+        gate_failed = any(not g.passed for g in report.gates)
+        if gate_failed and keep_going:
+            return
+        _error("error", report.error or report.status)
+        raise typer.Exit(3 if gate_failed else 1)
 
 
 def _read(path: Path):
@@ -303,7 +330,9 @@ def submit(recipe: RecipeArg,
 @app.command()
 def runs(reports_dir: ReportsDir = Path("reports"),
          limit: Annotated[int, typer.Option(help="How many runs to list.")] = 10) -> None:
-    """Recent runs of every recipe, newest first, with their final cards' headline numbers."""
+    """Recent runs of every recipe, newest first, with their final cards' headline numbers. A
+    run still marked running whose process is gone is shown as interrupted."""
+    from compress.atomic import owner_alive
     from compress.report import deltas, read_report, run_folders
 
     found = []
@@ -313,12 +342,14 @@ def runs(reports_dir: ReportsDir = Path("reports"),
         except (OSError, ValueError):
             continue
     found.sort(key=lambda r: r.started_at, reverse=True)
-    print(f"{'started':30}{'recipe':22}{'status':9}{'final':>10}{'Δ':>8}{'smaller':>9}"
+    print(f"{'started':30}{'recipe':22}{'status':12}{'final':>10}{'Δ':>8}{'smaller':>9}"
           f"{'faster':>8}")
     for r in found[:limit]:
         final, d = r.final, (deltas(r, r.final) if r.final and r.reference else {})
         value = f"{final.metrics.value:.2f}" if final else "-"
-        print(f"{r.started_at:30}{r.recipe[:21]:22}{r.status:9}{value:>10}"
+        status = "interrupted" if r.status == "running" and r.owner is not None and \
+            not owner_alive(r.owner) else r.status
+        print(f"{r.started_at:30}{r.recipe[:21]:22}{status:12}{value:>10}"
               f"{d.get('metric_change', 0):>+8.2f}{d.get('size_ratio', 1):>8.2f}x"
               f"{d.get('speedup_b1', 1):>7.2f}x")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,26 @@ class TaskData:
     label_names: tuple[str, ...] | None
     fingerprint: str
     spec: DataSpec
+    # per source split: {"read": n, "kept": k, "dropped": {reason: count}}, for the card
+    accounting: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
     @property
     def causal_lm(self) -> bool:
         return "label" not in self.train.column_names
+
+    def warnings(self, threshold: float = 0.01) -> list[str]:
+        """One line per split that lost more than `threshold` of its rows (classifiers: a
+        text file's blank lines are not lost rows)."""
+        if self.causal_lm:
+            return []
+        out = []
+        for split, a in self.accounting.items():
+            lost = a["read"] - a["kept"]
+            if a["read"] and lost / a["read"] > threshold:
+                why = ", ".join(f"{k}: {v}" for k, v in a["dropped"].items() if v)
+                out.append(f"data: {lost} of {a['read']} {split} rows dropped ({why}); they "
+                           "are left out of training and evaluation")
+        return out
 
 
 def _format_of(spec: DataSpec, p: Path) -> str:
@@ -106,20 +123,40 @@ def _load_raw(spec: DataSpec) -> tuple[Any, Any | None, str]:
 
 
 def _check_columns(ds: Any, spec: DataSpec, lm: bool = False) -> None:
+    if not lm and spec.label_column in (spec.text_column, spec.text_pair_column):
+        raise RecipeError(f"data.label_column: {spec.label_column!r} is also a text column; "
+                          "the label must be a column of its own")
     cols = list(ds.column_names)
-    for field in ("text_column",) if lm else ("text_column", "label_column", "text_pair_column"):
-        name = getattr(spec, field)
+    for key in ("text_column",) if lm else ("text_column", "label_column", "text_pair_column"):
+        name = getattr(spec, key)
         if name is not None and name not in cols:
-            raise RecipeError(f"data.{field}: column {name!r} not in the data "
+            raise RecipeError(f"data.{key}: column {name!r} not in the data "
                               f"(columns: {', '.join(cols)})")
 
 
-def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> Any:
+def _empty(v: Any) -> bool:
+    """A missing value as the loaders give it: None, NaN, or blank text."""
+    return v is None or (isinstance(v, float) and math.isnan(v)) or \
+        (isinstance(v, str) and not v.strip())
+
+
+def _why_dropped(r: dict[str, Any]) -> str | None:
+    if _empty(r["text"]):
+        return "empty text"
+    if "label" in r and _empty(r["label"]):
+        return "empty label"
+    return None
+
+
+def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The split with our column names and without unusable rows, and its accounting."""
+    read = len(ds)
     if lm:
         ds = ds.select_columns([spec.text_column])
         if spec.text_column != "text":
             ds = ds.rename_column(spec.text_column, "text")
-        return ds.filter(lambda r: bool(r["text"] and r["text"].strip()))
+        ds = ds.filter(lambda r: not _empty(r["text"]))
+        return ds, {"read": read, "kept": len(ds), "dropped": {"blank lines": read - len(ds)}}
     keep = {spec.text_column: "text", spec.label_column: "label"}
     if spec.text_pair_column:
         keep[spec.text_pair_column] = "text_pair"
@@ -129,7 +166,10 @@ def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> Any:
             if new in ds.column_names:
                 ds = ds.remove_columns(new)
             ds = ds.rename_column(old, new)
-    return ds.filter(lambda r: r["text"] is not None and r["label"] is not None)
+    reasons = [_why_dropped(r) for r in ds.select_columns(["text", "label"])]
+    dropped = {why: reasons.count(why) for why in ("empty text", "empty label")}
+    ds = ds.filter(lambda _r, i: reasons[i] is None, with_indices=True)
+    return ds, {"read": read, "kept": len(ds), "dropped": dropped}
 
 
 def _labels(train: Any, ev: Any, num_labels: int | None) -> tuple[Any, Any, int, tuple | None]:
@@ -149,6 +189,10 @@ def _labels(train: Any, ev: Any, num_labels: int | None) -> tuple[Any, Any, int,
             raise RecipeError(f"data.label_column: label {min(ints)} is negative; labels are "
                               "class ids 0..N-1 or class names")
         found = max(ints) + 1
+        if any(isinstance(v, float) for v in values):  # a column with gaps loads as floats
+            train = train.map(lambda r: {"label": int(r["label"])})
+            if ev is not None:
+                ev = ev.map(lambda r: {"label": int(r["label"])})
     else:
         bad = next(v for v in values if not isinstance(v, (int, bool, str)))
         raise RecipeError(f"data.label_column: label {bad!r} is neither a class id nor a name")
@@ -177,10 +221,14 @@ def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskDa
     _check_columns(train, spec, lm)
     if ev is not None:
         _check_columns(ev, spec, lm)
-    train = _normalise(train, spec, lm)
-    ev = _normalise(ev, spec, lm) if ev is not None else None
+    train, accounting = _normalise(train, spec, lm)
+    accounts = {spec.train_split: accounting}
+    if ev is not None:
+        ev, accounts[spec.eval_split or "eval"] = _normalise(ev, spec, lm)
     if len(train) == 0:
-        raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows")
+        why = ", ".join(f"{k}: {v}" for k, v in accounting["dropped"].items() if v)
+        raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows "
+                          f"({accounting['read']} read" + (f"; dropped: {why})" if why else ")"))
     if lm:
         n, names = 0, None
     else:
@@ -204,7 +252,7 @@ def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskDa
         ev = ev.select(range(min(spec.max_eval_samples, len(ev))))
     fp = canonical_hash(content, spec.model_dump(exclude={"path"}), n, *(("lm",) if lm else ()))
     return TaskData(train=train, eval=ev, num_labels=n, label_names=names, fingerprint=fp,
-                    spec=spec)
+                    spec=spec, accounting=accounts)
 
 
 def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:

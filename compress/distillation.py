@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from compress import manifest
 from compress.artifact import ModelRef, canonical_hash
 from compress.data import TaskData, encode, loader
 from compress.errors import StageError
@@ -147,10 +148,15 @@ class CachedTeacher(LossProvider):
 
 
 def build_teacher_cache(teacher: Any, teacher_ref: ModelRef, tokenizer: Any, data: TaskData,
-                        root: Path, k: int, batch_size: int) -> TopKCache:
-    """Open the cache for this teacher and data under `root`, filling it first if absent."""
+                        root: Path, k: int, batch_size: int,
+                        warnings: list[str] | None = None) -> TopKCache:
+    """Open the cache for this teacher and data under `root` once its manifest verifies, or
+    fill it first (a damaged cache is quarantined under `root`, and named in `warnings`)."""
     key = cache_key(teacher_ref.hash, data.fingerprint, k, data.spec.max_length)
     folder = Path(root) / "teacher-cache" / key[:16]
+    damaged = manifest.check(folder, root, digests=True, what="teacher cache")
+    if damaged and warnings is not None:
+        warnings.append(damaged)
     cache = TopKCache.open(folder)
     if cache is not None:
         return cache

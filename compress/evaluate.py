@@ -18,6 +18,7 @@ import numpy as np
 from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
 from compress.data import TaskData, encode, loader
 from compress.errors import RecipeError
+from compress.interrupt import check as check_interrupt
 from compress.logs import quiet
 from compress.measure import PeakMemory, default_threads, latency_stats, time_calls
 from compress.metrics import Metrics, classification_scores
@@ -252,6 +253,7 @@ def classify(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
     enc = encode(ev, tokenizer, data.spec.max_length)
     preds, labels = [], []
     for batch in loader(enc, tokenizer, batch_size, tensors="np"):
+        check_interrupt()
         labels.append(np.asarray(batch.pop("labels")))
         preds.append(pred.logits(batch).argmax(-1))
     y = np.concatenate(labels) if labels else np.zeros(0, dtype=int)
@@ -288,6 +290,7 @@ def perplexity(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
         enc = enc.select(range(min(max_samples, len(enc))))
     nll, count = 0.0, 0
     for batch in loader(enc, tokenizer, batch_size, tensors="np"):
+        check_interrupt()
         labels = np.asarray(batch.pop("labels"))[:, 1:]
         mask = np.asarray(batch["attention_mask"])[:, 1:].astype(bool)
         logits = pred.logits(batch)[:, :-1].astype(np.float64)

@@ -171,6 +171,7 @@ def render_html(report: RunReport, history: Sequence[RunReport] = ()) -> str:
         f"</h1><p>started {_e(report.started_at)}"
         + (f" · finished {_e(report.finished_at)}" if report.finished_at else "") + "</p>",
         f'<p class="err">Error: {_e(report.error)}</p>' if report.error else "",
+        "".join(f'<p class="err">⚠ {_e(w)}</p>' for w in report.warnings),
         "<h2>Gates</h2>", gates, _diagnosis(report), "<h2>Stages</h2><table><tr>"
         + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
         + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)

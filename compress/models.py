@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -99,14 +100,65 @@ def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.onnx", "*.pt")
+
+
+def check_model_folder(path: Path) -> dict[str, Any]:
+    """What validation can know about a model folder without loading it: a readable
+    config.json (returned, for the stages' architecture checks), weights present, and every
+    safetensors file whole (its header parses and its data fills the file). Each problem is one
+    RecipeError line, before any work."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".gguf":
+            raise RecipeError(f"model.path: {p} is a GGUF file; convert it to a save_pretrained "
+                              "folder first (compress.assets.convert_gguf does it for you)")
+        raise RecipeError(f"model.path: {p} is a file; point at a model folder "
+                          "(save_pretrained layout)")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise RecipeError(f"model.path: {p} is not a model folder (no config.json)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise RecipeError(f"model.path: {cfg_file} is not valid JSON "
+                          f"({first_line(e, 120)})") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"model.path: {cfg_file} is not a JSON object")
+    weights = [f for pattern in WEIGHT_FILES for f in p.glob(pattern)]
+    if not weights:
+        raise RecipeError(f"model.path: {p} has a config.json but no weights "
+                          "(*.safetensors, *.bin or *.onnx)")
+    check_weights(p)
+    return config
+
+
 def check_weights(folder: Path) -> None:
-    """Read every safetensors header (cheap) so a corrupt file fails validation, not a stage."""
+    """Read every safetensors header (cheap) and compare the data it declares with the file's
+    size, so a corrupt or truncated file fails validation, not a stage."""
     from safetensors import SafetensorError, safe_open
 
     for f in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):
                 pass
-        except (SafetensorError, OSError) as e:
+            end = _safetensors_end(f)
+        except (SafetensorError, OSError, ValueError) as e:
             raise RecipeError(f"model.path: cannot load a model from {folder}: {f.name} is "
-                              f"corrupt ({e})") from None
+                              f"corrupt ({first_line(e, 160)})") from None
+        if end is not None and end != f.stat().st_size:
+            raise RecipeError(f"model.path: cannot load a model from {folder}: {f.name} is "
+                              f"truncated or padded ({f.stat().st_size} bytes, its header "
+                              f"says {end})")
+
+
+def _safetensors_end(f: Path) -> int | None:
+    """The byte where a safetensors file's declared data ends (8-byte header length, JSON
+    header, then the tensors' data_offsets)."""
+    import struct
+
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)

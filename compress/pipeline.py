@@ -15,15 +15,17 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
+import yaml
 from pydantic import BaseModel
 
+from compress import manifest
 from compress.artifact import (
     INFO_FILE,
     ModelRef,
@@ -32,15 +34,23 @@ from compress.artifact import (
     source_ref,
     write_ref,
 )
-from compress.atomic import atomic_write_text, remove_orphans, staged_dir
+from compress.atomic import (
+    atomic_write_text,
+    owner_alive,
+    owner_record,
+    remove_orphans,
+)
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
 from compress.evaluate import evaluate, positive_class
+from compress.interrupt import Interrupted
+from compress.locks import exclusive
 from compress.measure import cpu_info, default_threads, environment
 from compress.metrics import Metrics
-from compress.models import check_weights, wait_for_everyone
+from compress.models import check_model_folder, wait_for_everyone
 from compress.recipe import AnyStage, Recipe
-from compress.report import LATEST, Diagnosis, RunReport, StageCard, check_gates
+from compress.render import model_card
+from compress.report import LATEST, Diagnosis, RunReport, StageCard, check_gates, read_report
 from compress.report_io import earlier_runs, write_report
 from compress.stage import Progress, StageConfig, StageContext
 
@@ -60,7 +70,9 @@ class PlannedStage(BaseModel):
         return self.config.kind
 
     def done(self) -> bool:
-        return read_ref(Path(self.output_dir)) is not None
+        """Finished and whole by its manifest's sizes (cheap; reuse also checks digests)."""
+        out = Path(self.output_dir)
+        return read_ref(out) is not None and not manifest.verify(out, digests=False)
 
 
 class Plan(BaseModel):
@@ -79,7 +91,9 @@ class Plan(BaseModel):
         out = [f"source  {self.source.path}  ({self.source.format}, id {self.source.short})"]
         for s in self.stages:
             ref = "  ← reference (teacher)" if s.index == self.reference_index else ""
-            state = "done, will be reused" if s.done() else "to run"
+            state = "done, will be reused" if s.done() else (
+                "damaged: will be set aside and rebuilt" if Path(s.output_dir).exists()
+                else "to run")
             out.append(f"[{s.index}] {s.name:<10} {s.kind:<9} → {s.output_dir}  ({state}){ref}")
         return out
 
@@ -116,17 +130,6 @@ def _check_writable(root: Path) -> None:
         raise RecipeError(f"output_root: cannot write to {root}: {e.strerror or e}") from None
 
 
-def _model_config(p: Path) -> dict[str, Any]:
-    if not p.is_dir():
-        return {}
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise RecipeError(f"model.path: {p / 'config.json'} is not valid JSON "
-                          f"({type(e).__name__})") from None
-    return cfg if isinstance(cfg, dict) else {}
-
-
 def make_plan(recipe: Recipe) -> Plan:
     """Check the recipe against the world (files, columns, labels, architectures) and compute
     every output id."""
@@ -136,10 +139,8 @@ def make_plan(recipe: Recipe) -> Plan:
             raise RecipeError(f"model.path: {recipe.model.path}: no such folder")
         _check_hub_model(recipe.model.path, recipe.model.revision)
     _check_writable(Path(recipe.output_root))
+    model_config = check_model_folder(p) if p.exists() else {}
     source = source_ref(recipe.model.path, recipe.model.task, recipe.model.revision)
-    if p.is_dir():
-        check_weights(p)
-    model_config = _model_config(p)
     for i, st in enumerate(recipe.stages):
         try:
             st.check_model(model_config)
@@ -192,14 +193,26 @@ def reference_ref(plan: Plan) -> ModelRef:
     return ref
 
 
-def evaluate_cached(plan: Plan, ref: ModelRef) -> Metrics:
-    """Metrics for a model, cached on disk by (model id, evaluation settings, machine)."""
-    cache = Path(plan.recipe.output_root) / "metrics" / f"{ref.short}-{plan.eval_hash[:12]}.json"
+def evaluate_cached(plan: Plan, ref: ModelRef, warnings: list[str] | None = None) -> Metrics:
+    """Metrics for a model, cached on disk by (model id, evaluation settings, machine). The
+    cache file is sealed with its own digest: a damaged one is set aside (named in `warnings`)
+    and the model evaluated again."""
+    root = Path(plan.recipe.output_root)
+    cache = root / "metrics" / f"{ref.short}-{plan.eval_hash[:12]}.json"
     if cache.is_file():
-        return Metrics.model_validate_json(cache.read_text())
+        payload = manifest.unseal(cache.read_text(errors="replace"))
+        try:
+            if payload is not None:
+                return Metrics.model_validate(payload)
+        except ValueError:
+            pass
+        moved = manifest.quarantine(cache, root)
+        if warnings is not None:
+            warnings.append(f"metric cache {cache.name} was damaged: moved to {moved} and the "
+                            "model evaluated again")
     m = evaluate(ref, plan_data(plan), plan.recipe.evaluation,
                  trust_remote_code=plan.recipe.model.trust_remote_code)
-    atomic_write_text(cache, m.model_dump_json(indent=2))
+    atomic_write_text(cache, manifest.seal(m.model_dump(mode="json")))
     return m
 
 
@@ -210,8 +223,9 @@ def evaluate_reference(plan: Plan) -> StageCard:
     warnings = [f"trust_remote_code is on: Python code shipped with {plan.recipe.model.path} "
                 "ran in this process (the recipe asked for it)"] \
         if plan.recipe.model.trust_remote_code else []
+    metrics = evaluate_cached(plan, ref, warnings)
     return StageCard(name=name, kind="reference", index=plan.reference_index, model=ref,
-                     metrics=evaluate_cached(plan, ref), reused=False, warnings=warnings)
+                     metrics=metrics, reused=False, warnings=warnings)
 
 
 def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> StageContext:
@@ -222,33 +236,60 @@ def _context(plan: Plan, ps: PlannedStage, progress: Progress | None) -> StageCo
                         Path(ps.output_dir).name)
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stage_lock(root: Path, name: str) -> Iterator[None]:
+    """One builder of a stage output at a time, across runs and processes: a second run that
+    needs the same stage waits, then finds it done and reuses it."""
+    with exclusive(Path(root) / "locks" / f"stage-{name}.lock", wait=True,
+                   on_wait=lambda who: _say(f"waiting for {name}: another run is building it "
+                                            f"({who})")):
+        yield
+
+
+def reusable(out: Path, root: Path, warnings: list[str]) -> ModelRef | None:
+    """The finished output at `out` if it verifies in full (sizes and digests); a damaged one
+    is quarantined (named in `warnings`) so the caller rebuilds it."""
+    warning = manifest.check(out, root, digests=True, what="stage output")
+    if warning:
+        warnings.append(warning)
+        return None
+    return read_ref(out)
+
+
 def run_stage(plan: Plan, index: int, input_ref: ModelRef,
               progress: Progress | None = None) -> StageCard:
-    """Run one stage (or find it done), then evaluate its output. The input is never touched."""
+    """Run one stage (or reuse it, once verified), then evaluate its output. The input is never
+    touched."""
     ps = plan.reference_onnx if index == -1 else plan.stages[index]
     assert ps is not None
-    out = Path(ps.output_dir)
+    out, root = Path(ps.output_dir), Path(plan.recipe.output_root)
     if ps.config.trains:
         wait_for_everyone()  # the other ranks (if any) train this stage with us: run_as_worker
-    reused = ps.done()
-    ref = read_ref(out) if reused else build_output(ps.config, ps.hash, input_ref,
-                                                    _context(plan, ps, progress), out)
-    assert ref is not None
+    warnings: list[str] = []
+    with stage_lock(root, out.name):
+        ref = reusable(out, root, warnings)
+        reused = ref is not None
+        if ref is None:
+            ref = build_output(ps.config, ps.hash, input_ref, _context(plan, ps, progress), out)
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
-    warnings = info.pop("warnings", [])
-    return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref,
-                     metrics=evaluate_cached(plan, ref), info=info,
-                     notes=ps.config.notes(info), reused=reused,
+    warnings += info.pop("warnings", [])
+    metrics = evaluate_cached(plan, ref, warnings)
+    return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref, metrics=metrics,
+                     info=info, notes=ps.config.notes(info), reused=reused,
                      seconds=info.get("seconds", 0.0), warnings=warnings)
 
 
 def build_output(cfg: StageConfig, h: str, input_ref: ModelRef, ctx: StageContext,
                  out: Path) -> ModelRef:
-    """Apply one stage into a staging folder, with its card facts and lineage, renamed to `out`
-    only once complete; the stage's checkpoints go once it has succeeded."""
+    """Apply one stage into a staging folder, with its card facts, lineage and manifest,
+    renamed to `out` only once complete; the stage's checkpoints go once it has succeeded."""
     remove_orphans(out.parent)
     t0 = time.perf_counter()
-    with staged_dir(out) as tmp:
+    with manifest.finished_dir(out) as tmp:
         info = cfg.apply(input_ref, ctx, tmp)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         onnx_file = info.pop("onnx_file", None)
@@ -284,45 +325,50 @@ def run_as_worker(plan: Plan) -> None:
 
 
 @contextlib.contextmanager
-def recipe_lock(root: Path, recipe: str) -> Iterator[None]:
-    """One run of a recipe at a time. flock dies with its process, so a killed run never leaves
-    a stale lock; runs of other recipes, even into the same output root, never wait."""
-    import fcntl
-
-    path = Path(root) / "locks" / f"{recipe}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise CompressError(f"recipe {recipe!r} is already running ({holder}); wait for it "
-                                "or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}, since {_now()}")
-        f.flush()
-        try:
+def recipe_lock(reports_root: Path, recipe: str) -> Iterator[None]:
+    """One run of a recipe at a time, whatever output root it writes to: the lock lives in the
+    recipe's reports folder, which every run of it shares. flock dies with its process, so a
+    killed run never leaves a stale lock; other recipes never wait."""
+    try:
+        with exclusive(Path(reports_root) / recipe / ".lock", wait=False):
             yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError as e:
+        raise CompressError(f"recipe {recipe!r} is already running ({e}); wait for it or "
+                            "stop it") from None
 
 
-def publish_latest(report: RunReport, reports_root: Path) -> Path | None:
-    """Copy the final model and its card to reports/<recipe>/latest, only for a passed run.
+class PublishError(CompressError):
+    """The final model does not verify: nothing is published, the last good one stays."""
 
-    The new copy is built beside the old one and swapped in (compress.atomic): `latest` is
-    never half a model, and the previous good one stays until the new one is complete.
+
+def publish_latest(report: RunReport, reports_root: Path, recipe: Recipe | None = None
+                   ) -> Path | None:
+    """Publish a passed run to reports/<recipe>/latest as a package: the model (verified by
+    its manifest before and after the copy), the recipe that made it, the final report, a model
+    card (README.md) and the package's own manifest.
+
+    The package is built beside the old one and swapped in (compress.atomic): `latest` is never
+    half a package, and the previous good one stays until the new one is complete and verified.
     """
     final = report.final
     if report.status != "passed" or final is None:
         return None
+    problems = manifest.verify(final.model.dir, digests=True)
+    if problems:
+        raise PublishError(f"not published: the final model {final.model.dir} does not verify "
+                           f"({problems[0]}); {LATEST}/ keeps the last good model")
     dest = Path(reports_root) / report.recipe / LATEST
-    with staged_dir(dest, replace=True) as tmp:
+    with manifest.finished_dir(dest, replace=True) as tmp:
         shutil.copytree(final.model.dir, tmp / "model")
+        copied = manifest.verify(tmp / "model", digests=True)
+        if copied:
+            raise PublishError(f"not published: the copy of the final model does not verify "
+                               f"({copied[0]}); {LATEST}/ keeps the last good model")
         atomic_write_text(tmp / "report.json", report.model_dump_json(indent=2))
+        if recipe is not None:
+            atomic_write_text(tmp / "recipe.yaml", yaml.safe_dump(
+                recipe.model_dump(mode="json", exclude_none=True), sort_keys=False))
+        atomic_write_text(tmp / "README.md", model_card(report, recipe))
     return dest
 
 
@@ -337,35 +383,62 @@ def _now() -> str:
 def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
             run_stage: Callable[..., StageCard] = run_stage,
             evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
-            on_card: Callable[[RunReport, StageCard], None] | None = None,
+            on_card: Callable[[RunReport, StageCard | None], None] | None = None,
             on_gate_failure: GateHook | None = None,
             progress: Progress | None = None, keep_going: bool = False) -> RunReport:
     """Run every stage in order, writing the report after each; check gates at the end.
 
     The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
-    report (status failed, the error) before it propagates; earlier outputs stay where they are.
-    When a gate fails and the recipe asks for it, `on_gate_failure` adds a diagnosis.
+    report (status failed, the error) before it propagates, an interruption as status
+    interrupted; earlier outputs stay where they are. When a gate fails and the recipe asks for
+    it, `on_gate_failure` adds a diagnosis. `on_card(report, card)` sees every card, and once
+    more with card None when the report is final (status, gates).
     """
-    with recipe_lock(Path(plan.recipe.output_root), plan.recipe.name):
+    with recipe_lock(Path(reports_root), plan.recipe.name):
         return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
                         evaluate_reference=evaluate_reference, on_card=on_card,
                         on_gate_failure=on_gate_failure, progress=progress,
                         keep_going=keep_going)
 
 
+def mark_interrupted_runs(recipe_dir: Path) -> list[str]:
+    """Runs of this recipe left 'running' by a process that is gone are interrupted: say so in
+    their reports (the run cannot) and return one line per run for the new run's card."""
+    found = []
+    for folder in sorted(Path(recipe_dir).glob("*/report.json")):
+        try:
+            r = read_report(folder.parent)
+        except (OSError, ValueError):
+            continue
+        if r.status != "running" or r.owner is None or owner_alive(r.owner):
+            continue
+        r.status, r.finished_at = "interrupted", r.finished_at or _now()
+        r.error = r.error or "the run's process ended without finishing (killed or crashed)"
+        write_report(r, folder.parent)
+        found.append(f"run {r.run_id} was interrupted (its process is gone); its finished "
+                     "stages are reused")
+    return found
+
+
 def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
              run_stage: Callable[..., StageCard], evaluate_reference: Callable[[Plan], StageCard],
-             on_card: Callable[[RunReport, StageCard], None] | None,
+             on_card: Callable[[RunReport, StageCard | None], None] | None,
              on_gate_failure: GateHook | None, progress: Progress | None,
              keep_going: bool) -> RunReport:
     threads = plan.recipe.evaluation.latency.threads or default_threads()
+    earlier = mark_interrupted_runs(reports_root / plan.recipe.name)
+    root = Path(plan.recipe.output_root)
+    for folder in [root, root / "teacher-cache", *root.glob("work/*")]:
+        remove_orphans(folder)  # staging folders of runs that died (ours, owner gone)
+    data = plan_data(plan)
     report = RunReport(recipe=plan.recipe.name, run_id=run_id or new_run_id(), started_at=_now(),
-                       environment=environment(threads))
+                       environment=environment(threads), owner=owner_record(),
+                       data=data.accounting, warnings=[*earlier, *data.warnings()])
     folder = report_folder(reports_root, report)
     history = earlier_runs(folder)  # read once: it cannot change while this run goes on
     write_report(report, folder, history)
 
-    def record(card: StageCard) -> None:
+    def record(card: StageCard | None) -> None:
         write_report(report, folder, history)
         if on_card:
             on_card(report, card)
@@ -382,6 +455,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
                 report.reference = evaluate_reference(plan)
                 report.reference.info, report.reference.reused = card.info, card.reused
                 report.reference.seconds = card.seconds
+                report.reference.warnings = card.warnings + report.reference.warnings
                 record(report.reference)
                 continue
             if plan.reference_onnx and ps.config.output_format == "onnx" and \
@@ -391,23 +465,31 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
             report.stages.append(card)
             record(card)
     except BaseException as e:
-        report.status, report.finished_at = "failed", _now()
-        report.error = str(e) if isinstance(e, CompressError) else f"{type(e).__name__}: {e}"
-        write_report(report, folder, history)
+        interrupted = isinstance(e, Interrupted | KeyboardInterrupt)
+        report.status = "interrupted" if interrupted else "failed"
+        report.finished_at = _now()
+        report.error = (str(e) or "interrupted") if interrupted or isinstance(e, CompressError) \
+            else f"{type(e).__name__}: {e}"
+        record(None)
         raise
     report.gates = check_gates(report, plan.recipe.gates)
     failed = [g for g in report.gates if not g.passed]
     report.status = "failed" if failed else "passed"  # --keep-going changes the exit, not this
-    report.finished_at = _now()
     if failed:
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
         if plan.recipe.diagnose.on_gate_failure and on_gate_failure is not None:
             report.diagnosis = on_gate_failure(plan, report)  # hooks never raise
-    write_report(report, folder, history)
+    else:
+        try:
+            publish_latest(report, reports_root, plan.recipe)
+        except PublishError as e:
+            report.status, report.error = "failed", str(e)
+    report.finished_at = _now()
+    record(None)
+    if report.status == "failed" and not failed:
+        raise CompressError(report.error or "not published")
     if failed and not keep_going:
         raise GateFailed(f"{report.error} (report: {folder / 'report.md'})")
-    if not failed:
-        publish_latest(report, reports_root)
     return report
 
 

@@ -36,6 +36,26 @@ def table(report: RunReport) -> tuple[list[str], list[list[str]]]:
     return head, [_row(report, c, batch) for c in cards]
 
 
+def one_line(report: RunReport, card: StageCard) -> str:
+    """A card in one line, for logs: metric (change), size (smaller), p50 at batch 1 (faster)."""
+    m, d = card.metrics, deltas(report, card)
+    first = card is report.reference or not d
+    metric = f"{m.metric} {m.value:.2f}" + ("" if first else f" ({d['metric_change']:+.2f})")
+    size = f"{m.size_bytes / 1e6:.1f} MB" + ("" if first else f" ({d['size_ratio']:.2f}x smaller)")
+    b1 = next((x for x in m.latency if x.batch_size == 1), m.latency[0])
+    speed = f"p50 b1 {b1.p50_ms:.2f} ms" + ("" if first else f" ({d['speedup_b1']:.2f}x)")
+    return f"{card.name}{' (reused)' if card.reused else ''}: {metric}, {size}, {speed}"
+
+
+def _data_lines(report: RunReport) -> list[str]:
+    out = []
+    for split, a in report.data.items():
+        dropped = ", ".join(f"{k} {v}" for k, v in a.get("dropped", {}).items() if v)
+        out.append(f"- data `{split}`: {a.get('read')} rows read, {a.get('kept')} used"
+                   + (f" (dropped: {dropped})" if dropped else ""))
+    return out
+
+
 def _notes(report: RunReport) -> list[str]:
     notes = []
     for c in report.stages:
@@ -81,7 +101,7 @@ def render_markdown(report: RunReport) -> str:
         lines.append("")
     if report.diagnosis:
         lines += diagnosis_lines(report.diagnosis)
-    notes = _notes(report)
+    notes = _data_lines(report) + _notes(report)
     if notes:
         lines += ["## Stage notes", "", *notes, ""]
     env = report.environment
@@ -139,4 +159,92 @@ def comparison_markdown(c: Comparison) -> str:
             lat += f" ({r.p50_b1[1] / r.p50_b1[0] - 1:+.1%})"
         size = " → ".join(f"{v / 1e6:.1f}" if v is not None else "—" for v in r.size_bytes)
         lines.append(f"| {_cell(r.label)} | {metric} | {lat} | {size} |")
+    return "\n".join(lines)
+
+
+def _snippet(report: RunReport, max_length: int) -> list[str]:
+    """Ten lines that run the published model, in the runtime it was measured in."""
+    final = report.final
+    assert final is not None
+    if final.model.format == "onnx" and final.model.task == "causal-lm":
+        return ["```python",
+                "from optimum.onnxruntime import ORTModelForCausalLM",
+                "from transformers import AutoTokenizer",
+                "",
+                'tok = AutoTokenizer.from_pretrained("model")',
+                f'lm = ORTModelForCausalLM.from_pretrained("model", '
+                f'file_name="{final.model.onnx_file}", use_cache=True)',
+                'ids = tok("To be, or not to be", return_tensors="pt")',
+                "out = lm.generate(**ids, max_new_tokens=32, do_sample=False)",
+                "print(tok.decode(out[0], skip_special_tokens=True))",
+                "```"]
+    if final.model.format == "onnx":
+        return ["```python",
+                "import numpy as np, onnxruntime as ort",
+                "from transformers import AutoTokenizer",
+                "",
+                'tok = AutoTokenizer.from_pretrained("model")',
+                "opts = ort.SessionOptions()  # graph optimizations: see model/ort_session.json",
+                f'session = ort.InferenceSession("model/{final.model.onnx_file}", opts, '
+                'providers=["CPUExecutionProvider"])',
+                f'enc = tok(["a fine, moving film"], truncation=True, max_length={max_length}, '
+                'return_tensors="np")',
+                "feed = {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()}",
+                "print(session.run(None, feed)[0].argmax(-1))",
+                "```"]
+    auto = "AutoModelForCausalLM" if final.model.task == "causal-lm" else \
+        "AutoModelForSequenceClassification"
+    return ["```python",
+            f"from transformers import AutoTokenizer, {auto}",
+            "",
+            'tok = AutoTokenizer.from_pretrained("model")',
+            f'model = {auto}.from_pretrained("model").eval()',
+            'print(model(**tok(["a fine, moving film"], return_tensors="pt")).logits)',
+            "```"]
+
+
+def model_card(report: RunReport, recipe: object | None = None) -> str:
+    """README.md of a published package, in the Hugging Face model-card style: what it is,
+    where it came from, how it compares with the original, what it was tuned for, how to run
+    it. `recipe` is the compress.recipe.Recipe that made it (None: less to say)."""
+    final, ref = report.final, report.reference
+    assert final is not None and ref is not None
+    rec: dict = recipe.model_dump(mode="json") if hasattr(recipe, "model_dump") else {}
+    m, r = final.metrics, ref.metrics
+    lfl = report.like_for_like(final) or ref
+    speed = lfl.metrics.latency[0].p50_ms / max(final.metrics.latency[0].p50_ms, 1e-9)
+    lines = ["---", f"base_model: {rec.get('model', {}).get('path', ref.model.path)}",
+             f"pipeline_tag: {'text-generation' if final.model.task == 'causal-lm' else 'text-classification'}",  # noqa: E501
+             "library_name: onnxruntime" if final.model.format == "onnx" else
+             "library_name: transformers",
+             "tags: [compress, " + ", ".join(c.kind for c in report.stages) + "]", "---", "",
+             f"# {report.recipe}", "",
+             f"Made by `compress` run `{report.run_id}` ({report.finished_at or report.started_at})"
+             f": every gate passed. Format: {final.model.format}"
+             + (f" (`model/{final.model.onnx_file}`)" if final.model.onnx_file else "")
+             + f"; task: {final.model.task}.", "",
+             "## Against the original", "",
+             "| | reference | this model |", "|---|---|---|",
+             f"| {m.metric} | {r.value:.2f} | {m.value:.2f} |"]
+    for name, value in m.scores.items():
+        if name != m.metric and name in r.scores:
+            lines.append(f"| {name} | {r.scores[name]:.2f} | {value:.2f} |")
+    lines += [f"| size on disk (MB) | {r.size_bytes / 1e6:.1f} | {m.size_bytes / 1e6:.1f} |",
+              f"| parameters | {r.parameters / 1e6:.2f}M | {m.parameters / 1e6:.2f}M |",
+              f"| p50 batch 1 (ms, {lfl.metrics.runtime}) | {lfl.metrics.latency[0].p50_ms:.2f} "
+              f"| {m.latency[0].p50_ms:.2f} ({speed:.2f}x) |", ""]
+    lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}" for g in report.gates]
+    cpu = report.environment.get("cpu", {})
+    target = next((c.info.get("quantization", {}).get("target") for c in report.stages
+                   if c.info.get("quantization")), None)
+    lines += ["", "## Lineage", "", f"- source: `{ref.model.path}` (id {ref.model.short})"]
+    lines += [f"- {c.kind} `{c.name}` → id {c.model.short}" for c in report.stages]
+    lines += ["", "## Target", "",
+              f"Measured on {cpu.get('model', 'an unrecorded CPU')} "
+              f"({report.environment.get('threads', '?')} threads"
+              + (f", flags {', '.join(cpu.get('flags', []))}" if cpu.get("flags") else "") + ")"
+              + (f"; quantized for the `{target}` preset." if target else "."), "",
+              "## Run it", "", *_snippet(report, rec.get("data", {}).get("max_length", 128)), "",
+              "`manifest.json` lists every file with its sha256; `recipe.yaml` re-makes the "
+              "model; `report.json` is the full report card.", ""]
     return "\n".join(lines)

@@ -88,7 +88,9 @@ class RunReport(BaseModel):
     gates: list[GateResult] = []
     error: str | None = None
     diagnosis: Diagnosis | None = None  # on a failed gate
-    warnings: list[str] = []  # run-level: quarantined outputs, interrupted earlier runs, ...
+    warnings: list[str] = []  # run-level: dropped data rows, interrupted earlier runs, ...
+    owner: dict[str, Any] | None = None  # the process running it (compress.atomic.owner_record)
+    data: dict[str, dict[str, Any]] = {}  # rows read / kept / dropped and why, per split
 
     @property
     def final(self) -> StageCard | None:

@@ -18,9 +18,11 @@ for a classifier, i.e. a length-1 "sequence"):
 - ``meta.json``   ``{k, num_examples, total_rows, format_version}``, written last.
 
 The folder only appears under its final name once complete: :class:`TopKCacheWriter` writes it
-through compress.atomic's `staged_dir` (a temp folder beside it, fsynced, renamed). ``meta.json``
-present == complete, so :meth:`TopKCache.open` returns None for a missing or half-written folder
-and the caller rebuilds.
+through compress.manifest's `finished_dir` (a temp folder beside it, fsynced, a manifest of sizes
+and digests written last, renamed). ``meta.json`` present == complete, so :meth:`TopKCache.open`
+returns None for a missing or half-written folder and the caller rebuilds; the caller verifies
+the manifest first (compress.distillation.build_teacher_cache), so a damaged cache is set aside
+and rebuilt rather than read.
 Name the folder with :func:`cache_key` so a different teacher, data set, k or max_length never
 reads a stale cache.
 
@@ -40,7 +42,8 @@ import numpy as np
 import torch
 
 from compress.artifact import canonical_hash
-from compress.atomic import atomic_write_json, staged_dir
+from compress.atomic import atomic_write_json
+from compress.manifest import finished_dir
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -168,7 +171,7 @@ class TopKCacheWriter:
         }
 
         final = self.folder
-        with staged_dir(final) as tmp:  # a concurrent run that finished first keeps its copy
+        with finished_dir(final) as tmp:  # a concurrent run that finished first keeps its copy
             np.save(tmp / VALUES_FILE, values)
             np.save(tmp / INDICES_FILE, indices)
             np.save(tmp / OFFSETS_FILE, offsets)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from compress.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from compress.data import TaskData, encode, loader
 from compress.evaluate import TorchPredictor, metric_name, task_scores
+from compress.interrupt import check as check_interrupt
 from compress.losses import hard_label_loss, shift_for_causal_lm
 from compress.metrics import METRICS
 from compress.spec import EvaluationSpec
@@ -104,11 +105,14 @@ def _evaluator(model: Any, tokenizer: Any, data: TaskData, evaluation: Evaluatio
 def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
           loss: LossProvider, *, evaluation: EvaluationSpec | None = None,
           desc: str = "train", progress: Progress | None = None,
-          checkpoint_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
+          checkpoint_dir: Path | None = None,
+          quarantine_root: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """Train `model` in place on `loss`; returns (unwrapped model, stats for the report card).
 
-    `evaluation` (the recipe's) chooses early stopping's metric. Under `accelerate launch` every
-    process trains its shard of each batch; only the main process writes checkpoints.
+    `evaluation` (the recipe's) chooses early stopping's metric. A damaged checkpoint is moved
+    to `quarantine_root` and not resumed from (stats["warnings"] says so). Under `accelerate
+    launch` every process trains its shard of each batch; only the main process writes
+    checkpoints. A requested stop (compress.interrupt) ends training at the next micro-batch.
     """
     from accelerate import Accelerator
     from transformers import get_linear_schedule_with_warmup
@@ -148,7 +152,9 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     evals: list[list[float]] = []
     best: tuple[float, int, dict] | None = None
     step = resumed = 0
-    if checkpoint_dir is not None and (ck := latest_checkpoint(checkpoint_dir)) is not None:
+    warnings: list[str] = []
+    if checkpoint_dir is not None and (ck := latest_checkpoint(
+            checkpoint_dir, quarantine_root=quarantine_root, warnings=warnings)) is not None:
         state = load_checkpoint(ck, model=trainable(), optimizer=opt, scheduler=sched)
         step = resumed = state["step"]
         losses, curve = state["extra"]["losses"], state["extra"]["curve"]
@@ -160,57 +166,60 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     every = max(1, steps // 50)
     epoch, skip = divmod(step * accum, per_epoch)
     micro, pending, stopped = 0, 0.0, None
-    while step < steps and stopped is None:
-        dl = acc.prepare(loader(enc, tokenizer, cfg.batch_size, shuffle=True,
-                                seed=cfg.seed + epoch))
-        if skip:
-            dl = acc.skip_first_batches(dl, skip)
-        for batch in dl:
-            labels, idx = batch.pop("labels"), batch.pop("idx")
-            with acc.autocast():
-                out = forward(**batch, **fwd)
-                value = loss.loss(out, labels, batch, idx) / accum
-            acc.backward(value)
-            pending += float(value.detach())
-            micro += 1
-            samples += len(labels)
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-            if micro % accum:
-                continue
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(pending)
-            pending = 0.0
-            if step % every == 0 or step == steps:
-                curve.append([step, sum(losses[-every:]) / len(losses[-every:])])
-                rate = samples / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{curve[-1][1]:.4f}", samples_s=f"{rate:.1f}",
-                                refresh=False)
-                if progress:
-                    progress(desc, step, steps)
-            bar.update(1)
-            if score is not None and es is not None and (step % es.eval_every == 0
-                                                         or step == steps):
-                value_ = score()
-                evals.append([step, round(value_, 5)])
-                if best is None or value_ > best[0] + es.min_delta:
-                    best = (value_, step, {k: v.detach().clone() for k, v in
-                                           acc.unwrap_model(model).state_dict().items()})
-                elif (step - best[1]) // es.eval_every >= es.patience:
-                    stopped = step
+    try:  # the bar ends its line even when a stop or an error ends training
+        while step < steps and stopped is None:
+            dl = acc.prepare(loader(enc, tokenizer, cfg.batch_size, shuffle=True,
+                                    seed=cfg.seed + epoch))
+            if skip:
+                dl = acc.skip_first_batches(dl, skip)
+            for batch in dl:
+                check_interrupt()
+                labels, idx = batch.pop("labels"), batch.pop("idx")
+                with acc.autocast():
+                    out = forward(**batch, **fwd)
+                    value = loss.loss(out, labels, batch, idx) / accum
+                acc.backward(value)
+                pending += float(value.detach())
+                micro += 1
+                samples += len(labels)
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                if micro % accum:
+                    continue
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(pending)
+                pending = 0.0
+                if step % every == 0 or step == steps:
+                    curve.append([step, sum(losses[-every:]) / len(losses[-every:])])
+                    rate = samples / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{curve[-1][1]:.4f}", samples_s=f"{rate:.1f}",
+                                    refresh=False)
+                    if progress:
+                        progress(desc, step, steps)
+                bar.update(1)
+                if score is not None and es is not None and (step % es.eval_every == 0
+                                                             or step == steps):
+                    value_ = score()
+                    evals.append([step, round(value_, 5)])
+                    if best is None or value_ > best[0] + es.min_delta:
+                        best = (value_, step, {k: v.detach().clone() for k, v in
+                                               acc.unwrap_model(model).state_dict().items()})
+                    elif (step - best[1]) // es.eval_every >= es.patience:
+                        stopped = step
+                        break
+                if checkpoint_dir is not None and cfg.checkpoint_every and \
+                        step % cfg.checkpoint_every == 0 and step < steps and \
+                        acc.is_main_process:
+                    save_checkpoint(checkpoint_dir, step, model=trainable(),
+                                    optimizer=opt, scheduler=sched,
+                                    extra={"losses": losses, "curve": curve, "evals": evals})
+                if step >= steps:
                     break
-            if checkpoint_dir is not None and cfg.checkpoint_every and \
-                    step % cfg.checkpoint_every == 0 and step < steps and \
-                    acc.is_main_process:
-                save_checkpoint(checkpoint_dir, step, model=trainable(),
-                                optimizer=opt, scheduler=sched,
-                                extra={"losses": losses, "curve": curve, "evals": evals})
-            if step >= steps:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
+            epoch, skip = epoch + 1, 0
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     model = acc.unwrap_model(model).eval()
     if best is not None:
@@ -229,6 +238,8 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
         "gradient_accumulation": accum, "compiled": cfg.compile,
         "teacher": loss.describe(),
     }
+    if warnings:
+        stats["warnings"] = warnings
     if data.causal_lm:
         stats["tokens_per_s"] = round(tokens * acc.num_processes / per_s, 1)
     if es:

@@ -65,7 +65,9 @@ def embedded_server() -> Iterator[str | None]:
     previous = {s: signal.signal(s, _exit_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         server = SubprocessASGIServer()  # the instance Prefect's clients would start themselves
-        server.start()
+        # Prefect's 20 s default is the measured start-up time with a fresh PREFECT_HOME on 2
+        # cores: a busy machine (CI, a training run beside it) needs more.
+        server.start(timeout=180)
         assert server.server_process is not None
         _watch(server.server_process.pid)
         with temporary_settings({PREFECT_API_URL: server.api_url}):

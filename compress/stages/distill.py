@@ -124,6 +124,7 @@ class DistillConfig(TrainingConfig):
         from compress.train import train
 
         trc = ctx.recipe.model.trust_remote_code
+        warnings: list[str] = []
         attn = "eager" if self.attention_weight else None  # SDPA returns no attention maps
         kwargs = {"attn_implementation": attn} if attn else {}
         student = load_model(ref.path, ref.task, ctx.data.num_labels, trust_remote_code=trc,
@@ -170,7 +171,8 @@ class DistillConfig(TrainingConfig):
             if not is_main_process():
                 wait_for_everyone()  # rank 0 builds the cache; the others then read it
             cache = kd.build_teacher_cache(teachers[0], refs[0], tok, data,
-                                           Path(ctx.recipe.output_root), k, self.batch_size)
+                                           Path(ctx.recipe.output_root), k, self.batch_size,
+                                           warnings)
             if is_main_process():
                 wait_for_everyone()
             provider: Any = kd.CachedTeacher(cache, loss_fn)
@@ -179,9 +181,11 @@ class DistillConfig(TrainingConfig):
             provider = kd.LiveTeachers(teachers, loss_fn, fwd, proj)
         student, stats = train(student, tok, data, self, provider,
                                evaluation=ctx.recipe.evaluation, desc=self.label,
-                               progress=ctx.progress, checkpoint_dir=ctx.work_dir)
+                               progress=ctx.progress, checkpoint_dir=ctx.work_dir,
+                               quarantine_root=Path(ctx.recipe.output_root))
         save_hf(student, tok, out)
-        return {"training": stats, "teachers": [r.path for r in refs],
+        warnings += stats.pop("warnings", [])
+        return {"warnings": warnings, "training": stats, "teachers": [r.path for r in refs],
                 "teacher_hashes": [r.hash for r in refs], "layer_map": pairs,
                 "projected": bool(len(proj)), "divergence": self.divergence,
                 "teacher_dtype": self.teacher_dtype, "augmentation": augmented}

@@ -39,9 +39,11 @@ class FinetuneConfig(TrainingConfig):
                              revision=spec.revision)
         model, stats = train(model, tok, ctx.data, self, LabelLoss(),
                              evaluation=ctx.recipe.evaluation, desc=self.label,
-                             progress=ctx.progress, checkpoint_dir=ctx.work_dir)
+                             progress=ctx.progress, checkpoint_dir=ctx.work_dir,
+                             quarantine_root=Path(ctx.recipe.output_root))
+        warnings = stats.pop("warnings", [])
         if ctx.data.label_names:
             model.config.id2label = dict(enumerate(ctx.data.label_names))
             model.config.label2id = {n: i for i, n in enumerate(ctx.data.label_names)}
         save_hf(model, tok, out)
-        return {"training": stats}
+        return {"training": stats, "warnings": warnings}

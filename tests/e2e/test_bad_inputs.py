@@ -7,6 +7,7 @@ message, so the table cannot drift from what the program says.
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -95,6 +96,55 @@ def lm(**stage_kw):
 def empty_dir(d: dict, tmp: Path) -> None:
     (tmp / "empty").mkdir()
     d["model"]["path"] = str(tmp / "empty")
+
+
+def no_weights(d: dict, tmp: Path) -> None:
+    m = model_copy(tmp, d["model"]["path"])
+    (m / "model.safetensors").unlink()
+    d["model"]["path"] = str(m)
+
+
+def bad_config(d: dict, tmp: Path) -> None:
+    m = model_copy(tmp, d["model"]["path"])
+    (m / "config.json").write_text("{ not json")
+    d["model"]["path"] = str(m)
+
+
+def gguf_file(d: dict, tmp: Path) -> None:
+    (tmp / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    d["model"]["path"] = str(tmp / "model.gguf")
+
+
+def truncated_weights(d: dict, tmp: Path) -> None:
+    m = model_copy(tmp, d["model"]["path"])
+    w = m / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4096])
+    d["model"]["path"] = str(m)
+
+
+def texts(values: list[str | None], fmt: str = "csv") -> Callable[[dict, Path], None]:
+    """Rows with these texts (labels alternate 0/1); None: an empty field."""
+    def edit(d: dict, tmp: Path) -> None:
+        p = tmp / f"texts.{fmt}"
+        rows = [{"text": t, "label": i % 2} for i, t in enumerate(values)]
+        if fmt == "jsonl":
+            p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        else:
+            with open(p, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["text", "label"])
+                w.writerows([[r["text"] or "", r["label"]] for r in rows])
+        d["data"]["path"] = str(p)
+    return edit
+
+
+def labels_json(values: list) -> Callable[[dict, Path], None]:
+    def edit(d: dict, tmp: Path) -> None:
+        p = tmp / "labels.jsonl"
+        p.write_text("\n".join(json.dumps({"text": f"good film {i}", "label": v})
+                               for i, v in enumerate(values)) + "\n")
+        d["data"]["path"] = str(p)
+    return edit
 
 
 def unknown_format(d: dict, tmp: Path) -> None:
@@ -217,6 +267,30 @@ CASES = [
          "teacher-generated text needs model.task causal-lm"),
     Case("lm-attention", "attention-map matching for a causal LM",
          lm(kind="distill", attention_weight=1.0), "attention-map matching is for encoders"),
+    Case("binary-recipe", "a binary file as the recipe",
+         lambda d, t: b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary",
+         "not a text file (a recipe is UTF-8 YAML)"),
+    Case("no-weights", "a model folder with config and tokenizer but no weights", no_weights,
+         "has a config.json but no weights (*.safetensors, *.bin or *.onnx)"),
+    Case("bad-config-json", "a config.json that is not JSON", bad_config,
+         "config.json is not valid JSON"),
+    Case("truncated-weights", "a model.safetensors cut short", truncated_weights,
+         "model.safetensors is corrupt (Error while deserializing header"),
+    Case("gguf-model-path", "a .gguf file as model.path", gguf_file,
+         "is a GGUF file; convert it to a save_pretrained folder first"),
+    Case("same-columns", "the label column is the text column",
+         data(label_column="text"), "data.label_column: 'text' is also a text column"),
+    Case("all-texts-empty", "every text empty",
+         texts([None] * 40), "has no usable rows (40 read; dropped: empty text: 40)"),
+    Case("some-labels-empty", "a fifth of the labels empty or NaN (warned, run goes on)",
+         rows([0, 1, 0, "", 1] * 20), "data: 20 of 100 train rows dropped (empty label: 20)",
+         exit=0),
+    Case("null-labels-jsonl", "null labels in JSONL (warned, run goes on)",
+         labels_json([0, 1, None, 1, 0, 1, 0, 1, 0, 1] * 8),
+         "data: 8 of 80 train rows dropped (empty label: 8)", exit=0),
+    Case("third-texts-empty", "a third of the texts empty (warned, run goes on)",
+         texts(["a good film", "a dull film", None] * 30),
+         "data: 30 of 90 train rows dropped (empty text: 30)", exit=0),
     Case("positive-label-unknown", "an F1 positive class the data does not have",
          lambda d, t: d["evaluation"].update(metric="f1", positive_label="maybe"),
          "evaluation.positive_label: 'maybe' is not a class of the data (classes: 0-1)"),
@@ -235,13 +309,22 @@ def test_bad_input_gives_one_clear_line(case: Case, write_recipe, tmp_path):
                          {"kind": "quantize"}])
     d = yaml.safe_load(path.read_text())
     raw = case.edit(d, tmp_path)
-    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(d))
+    if isinstance(raw, bytes):
+        path.write_bytes(raw)
+    else:
+        path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(d))
     args = [case.command, str(path)]
     if case.command == "run":
         args += ["--local", "--reports-dir", str(tmp_path / "reports")]
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert r.exit_code == case.exit, r.output
+    assert "Traceback" not in r.output
+    if case.exit == 0:  # a warning: said once, and the run goes on
+        warnings = [ln for ln in lines if ln.startswith("warning: ")]
+        assert len(warnings) == 1 and case.message in warnings[0], r.output
+        assert not [ln for ln in lines if ln.startswith("error: ")]
+        return
     errors = [ln for ln in lines if ln.startswith("error: ")]
     assert len(errors) == 1 and errors[0] == lines[-1], r.output
     assert case.message in errors[0]

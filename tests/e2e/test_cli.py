@@ -147,7 +147,7 @@ def test_a_second_run_of_the_same_recipe_refuses_while_one_runs(write_recipe, tm
     from compress.pipeline import recipe_lock
 
     path = write_recipe([{"kind": "prune", "ffn": 0.5}])
-    with recipe_lock(tmp_path / "out", "tiny"):
+    with recipe_lock(tmp_path / "reports", "tiny"):
         r = invoke("run", "--local", str(path), "--reports-dir", str(tmp_path / "reports"))
     assert r.exit_code == 1
     assert "recipe 'tiny' is already running (pid" in r.output.strip().splitlines()[-1]

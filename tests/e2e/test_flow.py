@@ -50,7 +50,9 @@ def test_flow_runs_every_stage_writes_cards_and_reuses_on_rerun(prefect_harness,
     art = Artifact.get("tiny-report-card")
     assert art is not None and art.type == "table"
     assert "quantize" in json.dumps(art.data)
-    assert Artifact.get("tiny-report") is not None
+    md = Artifact.get("tiny-report")
+    assert md is not None and md.description.endswith(": passed")  # the last one is final
+    assert "## Gates" in md.data and "Status: **passed**" in md.data
 
     again = compress_recipe(recipe=recipe, reports_dir=str(reports))
     card2 = json.loads((tmp_path / again["report"] / "report.json").read_text())

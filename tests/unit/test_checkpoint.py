@@ -62,7 +62,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
                            extra={"epoch": 0, "batches": CUT, "losses": first})
     assert path == tmp_path / f"step-{CUT:08d}"
     assert sorted(p.name for p in path.iterdir()) == [
-        "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt", "state.json"]
+        "manifest.json", "model.safetensors", "optimizer.pt", "rng.pt", "scheduler.pt",
+        "state.json"]
     # The "interrupted" process goes on consuming RNG before dying.
     _train(model, opt, sched, 3, [])
 
