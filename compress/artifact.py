@@ -113,5 +113,22 @@ def read_ref(folder: Path) -> ModelRef | None:
         return None
 
 
+# What a stage writes about its output, and what compress.manifest writes: never copied along.
+OWN_FILES = (LINEAGE_FILE, INFO_FILE, "manifest.json")
+
+
+def copy_side_files(ref: ModelRef, out: Path) -> None:
+    """Tokenizer, config and session settings travel with an ONNX model to the next stage's
+    folder; the input's ONNX weights and this tool's own records do not."""
+    import shutil
+
+    onnx_names = {p.name for p in ref.dir.glob("*.onnx")}
+    for f in ref.dir.iterdir():
+        weights = f.suffix == ".onnx" or any(f.name.startswith(o) for o in onnx_names)
+        if f.is_file() and not weights and f.name not in OWN_FILES \
+                and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+
+
 def write_ref(folder: Path, ref: ModelRef) -> None:
     atomic_write_text(Path(folder) / LINEAGE_FILE, ref.model_dump_json(indent=2))

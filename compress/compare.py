@@ -65,11 +65,13 @@ def _problems(label: str, ca: StageCard, cb: StageCard, tol: Tolerances) -> list
                      else f"allowed {'+' if not d.higher_is_better else '-'}{allowed:.1%}")
             out.append(f"{label}: {name} {sa[name]:.2f} -> {sb[name]:.2f} "
                        f"({d.describe_change(sa[name], sb[name])}, {limit})")
-    batches = sorted({x.batch_size for x in ma.latency} & {x.batch_size for x in mb.latency})
-    for bs in batches:
-        la, lb = p50(ca, bs), p50(cb, bs)
+    timed = sorted({(x.batch_size, x.length) for x in ma.latency}
+                   & {(x.batch_size, x.length) for x in mb.latency})
+    for bs, length in timed:
+        la, lb = p50(ca, bs, length), p50(cb, bs, length)
+        where = f"batch-{bs}" + ("" if length == "max" else f" {length}-length")
         if la and lb and round(lb / la - 1, 6) > tol.latency_rise:
-            out.append(f"{label}: p50 batch-{bs} {la:.2f} -> {lb:.2f} ms "
+            out.append(f"{label}: p50 {where} {la:.2f} -> {lb:.2f} ms "
                        f"({lb / la - 1:+.1%}, allowed +{tol.latency_rise:.0%})")
     for what, va, vb, unit in (("size", ma.size_bytes, mb.size_bytes, 1e6),
                                ("MACs", ma.macs, mb.macs, 1e9)):

@@ -20,9 +20,18 @@ from compress.data import TaskData, encode, loader
 from compress.errors import RecipeError
 from compress.interrupt import check as check_interrupt
 from compress.logs import quiet
-from compress.measure import PeakMemory, default_threads, latency_stats, time_calls
+from compress.measure import (
+    NOISY,
+    PeakMemory,
+    default_threads,
+    interleaved,
+    latency_stats,
+    spread,
+    time_calls,
+)
 from compress.metrics import Metrics, classification_scores
 from compress.models import count_parameters, load_model, load_tokenizer
+from compress.report import HeadToHead
 from compress.spec import EvaluationSpec
 
 SESSION_FILE = "ort_session.json"  # {"graph_optimization_level": "basic"}: how to run the model
@@ -165,7 +174,7 @@ def predictor(ref: ModelRef, num_labels: int, threads: int, *,
 
 
 _ONNX_MATMULS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
-                 "MatMulNBits", "FusedMatMul"}
+                 "MatMulNBits", "FusedMatMul", "Attention", "QAttention"}  # fused: Q, K, V
 
 
 def linear_macs_per_token(model: Any) -> int:
@@ -217,6 +226,44 @@ def fixed_batch(tokenizer: Any, texts: list[str], batch_size: int, seq_len: int
     enc = tokenizer(rows, padding="max_length", truncation=True, max_length=seq_len,
                     return_tensors="np")
     return {k: v.astype(np.int64) for k, v in enc.items()}
+
+
+def real_lengths(tokenizer: Any, data: TaskData, limit: int = 2000) -> dict[str, int]:
+    """The eval texts' median and 95th-percentile token counts (special tokens included, capped
+    at max_length): the lengths requests really have, unlike the padded max the table uses."""
+    texts = list(data.eval["text"][:limit])
+    pairs = list(data.eval["text_pair"][:limit]) if "text_pair" in data.eval.column_names \
+        else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=data.spec.max_length)
+    counts = np.array([len(ids) for ids in enc["input_ids"]])
+    return {"median": int(np.median(counts)), "p95": int(np.percentile(counts, 95))}
+
+
+def timing_plan(tokenizer: Any, data: TaskData, spec: EvaluationSpec
+                ) -> list[tuple[int, int, str]]:
+    """(batch size, sequence length, length label) for every latency the card shows: batch 1
+    and latency.batch_size at the fixed length, then batch 1 at the real lengths."""
+    fixed = spec.latency.sequence_length or data.spec.max_length
+    plan = [(bs, fixed, "max") for bs in sorted({1, spec.latency.batch_size})]
+    if spec.latency.real_lengths and not data.causal_lm:
+        plan += [(1, n, label) for label, n in real_lengths(tokenizer, data).items()]
+    return plan
+
+
+def logit_parity(a: Predictor, b: Predictor, data: TaskData, tokenizer: Any, samples: int,
+                 batch_size: int = 16) -> dict[str, Any]:
+    """How far two runnings of one classifier disagree on real eval examples: the max abs
+    logit difference and the share of equal predictions. Every stage that rewrites a model
+    without meaning to change it (export, graph fusions) must pass this."""
+    n = min(samples, len(data.eval))
+    enc = encode(data.eval.select(range(n)), tokenizer, data.spec.max_length)
+    diff, agree = 0.0, 0
+    for batch in loader(enc, tokenizer, batch_size, tensors="np"):
+        batch.pop("labels")
+        x, y = a.logits(batch), b.logits(batch)
+        diff = max(diff, float(np.abs(x - y).max()))
+        agree += int((x.argmax(-1) == y.argmax(-1)).sum())
+    return {"max_abs_diff": diff, "samples": n, "argmax_agreement": agree / max(n, 1)}
 
 
 def positive_class(spec: EvaluationSpec, data: TaskData) -> int | None:
@@ -313,12 +360,13 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
         scores, n = task_scores(pred, data, tokenizer, spec, spec.max_samples)
         texts = list(data.eval["text"][: max(spec.latency.batch_size, 1)])
         lat = []
-        for bs in sorted({1, spec.latency.batch_size}):
-            batch = fixed_batch(tokenizer, texts, bs, seq_len)
+        for bs, length, label in timing_plan(tokenizer, data, spec):
+            check_interrupt()
+            batch = fixed_batch(tokenizer, texts, bs, length)
             samples = time_calls(lambda b=batch, p=pred: p.logits(b), warmup=spec.latency.warmup,
                                  runs=spec.latency.runs)
             lat.append(latency_stats(samples, runtime=pred.runtime, batch_size=bs,
-                                     sequence_length=seq_len, threads=threads,
+                                     sequence_length=length, length=label, threads=threads,
                                      warmup=spec.latency.warmup))
         params, device = pred.parameters, pred.device
         per_token = onnx_macs_per_token(pred.path) if isinstance(
@@ -335,3 +383,35 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
         cuda_peak_mb=None if mem.cuda_peak_mb is None else round(mem.cuda_peak_mb, 1),
         eval_seconds=round(time.perf_counter() - t0, 2), macs=per_token * seq_len,
     )
+
+
+def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
+                 spec: EvaluationSpec, *, names: tuple[str, str] = ("reference", "candidate"),
+                 trust_remote_code: bool = False) -> HeadToHead:
+    """The speed-up that goes on the card and the min_speedup gate: both models loaded side by
+    side and timed in turns (reference, candidate, candidate, reference, ...) at batch 1 and the
+    fixed length, so a busy moment slows both. Two evaluations minutes apart measured 24x for a
+    3x MAC cut on a loaded machine; this does not."""
+    threads = spec.latency.threads or default_threads()
+    seq_len = spec.latency.sequence_length or data.spec.max_length
+    tok = load_tokenizer(candidate.path, trust_remote_code=trust_remote_code)
+    batch = fixed_batch(tok, list(data.eval["text"][:1]), 1, seq_len)
+    preds = [predictor(r, data.num_labels, threads, trust_remote_code=trust_remote_code)
+             for r in (reference, candidate)]
+    runtime = preds[1].runtime
+    if preds[0].runtime != runtime:
+        raise ValueError(f"head to head needs one runtime, got {preds[0].runtime} and {runtime}")
+    rounds = spec.latency.head_to_head_rounds
+    ms = interleaved({"a": lambda: preds[0].logits(batch), "b": lambda: preds[1].logits(batch)},
+                     rounds=rounds, runs=max(3, spec.latency.runs // 3),
+                     warmup=spec.latency.warmup)
+    ratios = [round(x / max(y, 1e-9), 4) for x, y in zip(ms["a"], ms["b"], strict=True)]
+    preds.clear()
+    gc.collect()
+    return HeadToHead(reference=names[0], candidate=names[1], runtime=runtime,
+                      batch_size=1, sequence_length=seq_len, rounds=rounds,
+                      reference_ms=[round(x, 4) for x in ms["a"]],
+                      candidate_ms=[round(x, 4) for x in ms["b"]], ratios=ratios,
+                      speedup=round(float(np.median(ratios)), 3), low=min(ratios),
+                      high=max(ratios), noisy=spread(ratios) > NOISY)
+

@@ -20,10 +20,15 @@ PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxrun
             "torch-pruning", "accelerate", "datasets", "prefect", "bitsandbytes")
 
 
+NOISY = 1.2  # rounds whose medians differ by more than this factor: the figure is noisy
+
+
 class Latency(BaseModel):
     runtime: str  # "torch" or "onnxruntime"
     batch_size: int
     sequence_length: int
+    length: str = "max"  # which length: "max" (data.max_length or latency.sequence_length),
+    # "median" or "p95" of the eval texts' token counts (dynamic shapes)
     threads: int
     warmup: int
     runs: int
@@ -31,6 +36,8 @@ class Latency(BaseModel):
     p90_ms: float
     p99_ms: float
     mean_ms: float
+    round_p50s_ms: list[float] = []  # the runs in consecutive rounds: each round's median
+    noisy: bool = False  # the rounds disagree by more than NOISY: do not trust a ratio of it
 
 
 def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
@@ -45,12 +52,42 @@ def time_calls(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
     return out
 
 
+def round_medians(samples_ms: list[float], rounds: int = 5) -> list[float]:
+    """Medians of `rounds` consecutive slices of the runs: a machine that got busy part of the
+    way through shows up as rounds that disagree."""
+    chunks = [c for c in np.array_split(np.asarray(samples_ms, dtype=np.float64),
+                                        min(rounds, len(samples_ms))) if len(c)]
+    return [round(float(np.median(c)), 4) for c in chunks]
+
+
+def spread(values: list[float]) -> float:
+    """max / min of positive values (1.0: they agree)."""
+    return max(values) / max(min(values), 1e-12) if values else 1.0
+
+
 def latency_stats(samples_ms: list[float], **info: Any) -> Latency:
     a = np.asarray(samples_ms, dtype=np.float64)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    rounds = round_medians(samples_ms)
     return Latency(p50_ms=round(float(p50), 4), p90_ms=round(float(p90), 4),
                    p99_ms=round(float(p99), 4), mean_ms=round(float(a.mean()), 4),
-                   runs=len(samples_ms), **info)
+                   runs=len(samples_ms), round_p50s_ms=rounds,
+                   noisy=len(rounds) > 1 and spread(rounds) > NOISY, **info)
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], *, rounds: int = 7, runs: int = 10,
+                warmup: int = 3) -> dict[str, list[float]]:
+    """Per-round median milliseconds of each call, timed in turns (A, B, A, B, ...): both see
+    the same machine, so a ratio of them is not a ratio of two different moments."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        order = list(calls) if r % 2 == 0 else list(reversed(calls))  # no fixed first mover
+        for name in order:
+            out[name].append(float(np.median(time_calls(calls[name], warmup=0, runs=runs))))
+    return out
 
 
 class PeakMemory:

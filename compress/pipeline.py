@@ -42,7 +42,7 @@ from compress.atomic import (
 )
 from compress.data import TaskData, load_task_data
 from compress.errors import CompressError, GateFailed, RecipeError
-from compress.evaluate import evaluate, positive_class
+from compress.evaluate import evaluate, head_to_head, positive_class
 from compress.interrupt import Interrupted
 from compress.locks import exclusive
 from compress.measure import cpu_info, default_threads, environment
@@ -50,7 +50,15 @@ from compress.metrics import Metrics
 from compress.models import check_model_folder, wait_for_everyone
 from compress.recipe import AnyStage, Recipe
 from compress.render import model_card
-from compress.report import LATEST, Diagnosis, RunReport, StageCard, check_gates, read_report
+from compress.report import (
+    LATEST,
+    Diagnosis,
+    HeadToHead,
+    RunReport,
+    StageCard,
+    check_gates,
+    read_report,
+)
 from compress.report_io import earlier_runs, write_report
 from compress.stage import Progress, StageConfig, StageContext
 
@@ -401,6 +409,19 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
                         keep_going=keep_going)
 
 
+def _head_to_head(plan: Plan, report: RunReport) -> HeadToHead | None:
+    """The final card against its like-for-like reference, timed in turns (None: nothing to
+    compare, e.g. a torch final with only an ONNX reference, or no compression stage)."""
+    final = report.final
+    ref = report.like_for_like(final) if final is not None else None
+    if final is None or ref is None or final is ref or final is report.reference or \
+            ref.metrics.runtime != final.metrics.runtime:
+        return None
+    return head_to_head(ref.model, final.model, plan_data(plan), plan.recipe.evaluation,
+                        names=(ref.name, final.name),
+                        trust_remote_code=plan.recipe.model.trust_remote_code)
+
+
 def mark_interrupted_runs(recipe_dir: Path) -> list[str]:
     """Runs of this recipe left 'running' by a process that is gone are interrupted: say so in
     their reports (the run cannot) and return one line per run for the new run's card."""
@@ -472,6 +493,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
             else f"{type(e).__name__}: {e}"
         record(None)
         raise
+    report.head_to_head = _head_to_head(plan, report)
     report.gates = check_gates(report, plan.recipe.gates)
     failed = [g for g in report.gates if not g.passed]
     report.status = "failed" if failed else "passed"  # --keep-going changes the exit, not this

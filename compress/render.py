@@ -4,23 +4,35 @@ whole card, the diagnosis section and a run comparison. Pure functions of report
 from __future__ import annotations
 
 from compress.compare import Comparison
-from compress.report import Diagnosis, RunReport, StageCard, deltas
+from compress.measure import Latency
+from compress.report import Diagnosis, RunReport, StageCard, deltas, latency
+
+
+def _ms(x: Latency | None, digits: int = 2) -> str:
+    """p50 in ms; `~` marks a figure whose timing rounds disagreed by more than 20%."""
+    if x is None:
+        return "–"
+    return f"{x.p50_ms:.{digits}f}" + ("~" if x.noisy else "")
 
 
 def _row(report: RunReport, card: StageCard, batch: int) -> list[str]:
     m = card.metrics
     d = deltas(report, card)
+    ref = card is report.reference
     metric = f"{m.value:.2f}" if m.metric != "perplexity" else f"{m.value:.2f} ppl"
-    if d and card is not report.reference:
+    if d and not ref:
         metric += f" ({d['metric_change']:+.2f})"
-    b1 = next((x for x in m.latency if x.batch_size == 1), m.latency[0])
-    bn = next((x for x in m.latency if x.batch_size == batch), b1)
-    speed = f" ({d['speedup_b1']:.2f}x)" if d and card is not report.reference else ""
-    size = f"{m.size_bytes / 1e6:.1f}" + (f" ({d['size_ratio']:.2f}x)" if d and
-                                          card is not report.reference else "")
+    b1 = latency(card, 1) or m.latency[0]
+    bn = latency(card, batch) or b1
+    speed = ""
+    if d and not ref:
+        speed = f" ({d['speedup_b1']:.2f}x)" if d["speedup_b1"] is not None else " (–)"
+    size = f"{m.size_bytes / 1e6:.1f}" + (f" ({d['size_ratio']:.2f}x)" if d and not ref else "")
+    med = latency(card, 1, "median")
     return [
         card.name + (" ♻" if card.reused else ""), m.runtime, metric,
-        f"{b1.p50_ms:.2f}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", f"{bn.p50_ms:.1f}",
+        f"{_ms(b1)}{speed}", f"{b1.p90_ms:.2f} / {b1.p99_ms:.2f}", _ms(bn, 1),
+        _ms(med) + (f" @{med.sequence_length}" if med else ""),
         f"{m.parameters / 1e6:.2f}M", "–" if m.macs is None else f"{m.macs / 1e9:.3g}", size,
         f"{m.peak_rss_mb:.0f}",
     ]
@@ -31,8 +43,11 @@ def table(report: RunReport) -> tuple[list[str], list[list[str]]]:
     cards = report.cards()
     batch = max((x.batch_size for c in cards for x in c.metrics.latency), default=1)
     metric = cards[0].metrics.metric if cards else "accuracy"
-    head = ["stage", "runtime", f"{metric} (Δ)", "p50 b1 ms (speed-up)", "p90 / p99 b1 ms",
-            f"p50 b{batch} ms", "params", "GMACs", "size MB (smaller)", "peak RSS MB"]
+    fixed = next((x.sequence_length for c in cards for x in c.metrics.latency
+                  if x.length == "max"), 0)
+    head = ["stage", "runtime", f"{metric} (Δ)", f"p50 b1 ms @{fixed} (speed-up)",
+            "p90 / p99 b1 ms", f"p50 b{batch} ms", "p50 b1 ms @median len", "params", "GMACs",
+            "size MB (smaller)", "peak RSS MB"]
     return head, [_row(report, c, batch) for c in cards]
 
 
@@ -42,8 +57,9 @@ def one_line(report: RunReport, card: StageCard) -> str:
     first = card is report.reference or not d
     metric = f"{m.metric} {m.value:.2f}" + ("" if first else f" ({d['metric_change']:+.2f})")
     size = f"{m.size_bytes / 1e6:.1f} MB" + ("" if first else f" ({d['size_ratio']:.2f}x smaller)")
-    b1 = next((x for x in m.latency if x.batch_size == 1), m.latency[0])
-    speed = f"p50 b1 {b1.p50_ms:.2f} ms" + ("" if first else f" ({d['speedup_b1']:.2f}x)")
+    b1 = latency(card, 1) or m.latency[0]
+    speed = f"p50 b1 {_ms(b1)} ms" + ("" if first or d["speedup_b1"] is None
+                                      else f" ({d['speedup_b1']:.2f}x)")
     return f"{card.name}{' (reused)' if card.reused else ''}: {metric}, {size}, {speed}"
 
 
@@ -61,8 +77,8 @@ def _notes(report: RunReport) -> list[str]:
     for c in report.stages:
         parity = c.info.get("parity")
         if parity:
-            notes.append(f"- {c.name}: ONNX vs PyTorch max |Δlogit| = "
-                         f"{parity['max_abs_diff']:.2e} (atol {parity['atol']:g}) on "
+            notes.append(f"- {c.name}: ONNX vs {parity.get('against', 'PyTorch')} max "
+                         f"|Δlogit| = {parity['max_abs_diff']:.2e} (atol {parity['atol']:g}) on "
                          f"{parity['samples']} examples")
         tr = c.info.get("training")
         if tr:
@@ -92,8 +108,16 @@ def render_markdown(report: RunReport) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "Deltas and ratios are against the reference (first row); ONNX rows compare "
-              "with the reference timed in ONNX Runtime fp32. ♻ = reused from an earlier run. "
-              "GMACs: weight matmuls for one sequence of the timed length.", ""]
+              "with the reference timed in ONNX Runtime fp32, PyTorch rows with the reference in "
+              "PyTorch (– : no like-for-like reference). ♻ = reused from an earlier run. "
+              "~ = the timing rounds disagreed by more than 20% (a busy machine): do not trust "
+              "ratios of it. GMACs: weight matmuls for one sequence of the timed length.", ""]
+    h = report.head_to_head
+    if h is not None:
+        lines += [f"Final speed-up, timed head to head: **{h.speedup:.2f}x** ({h.candidate} vs "
+                  f"{h.reference}, {h.runtime}, batch {h.batch_size}, {h.sequence_length} "
+                  f"tokens, {h.rounds} rounds in turns, per-round {h.low:.2f}-{h.high:.2f}x"
+                  + (", noisy" if h.noisy else "") + ").", ""]
     if report.gates:
         lines += ["## Gates", ""]
         lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"

@@ -50,9 +50,15 @@ class DataSpec(Strict):
 class LatencySpec(Strict):
     batch_size: int = Field(32, ge=1, description="Timed at batch 1 and at this batch size.")
     sequence_length: int | None = Field(None, ge=1, description="Default: data.max_length.")
+    real_lengths: bool = Field(
+        True, description="Also time batch 1 at the eval texts' median and 95th-percentile "
+        "token lengths (dynamic shapes; classifiers): what a served request takes.")
     warmup: int = Field(5, ge=0)
     runs: int = Field(30, ge=1)
     threads: int | None = Field(None, ge=1, description="Default: all cores of this machine.")
+    head_to_head_rounds: int = Field(
+        7, ge=5, description="The final speed-up: reference and final model timed in turns, "
+        "this many rounds.")
 
 
 class EvaluationSpec(Strict):

@@ -9,7 +9,8 @@ about it, as class facts and methods:
   recipe's order rules (nothing PyTorch after the model is ONNX; ONNX work needs an ONNX model)
   are derived from these, not from a list of kinds;
 - `trains` (every rank of a distributed launch joins it), `makes_reference` (its output is the
-  reference/teacher, like finetune), `not_hashed` (fields that change how, not what, it makes),
+  reference/teacher, like finetune), `uses_reference` (it reads the reference model alongside
+  its input, like distill), `not_hashed` (fields that change how, not what, it makes),
   `version` (bump it when the same config starts making a different output: the id changes);
 - `uses_data()` (is the data's fingerprint part of the id, as a function of the config),
   `check(recipe, index)` (its rules against the rest of the recipe), `check_model(config)`
@@ -66,6 +67,7 @@ class StageConfig(Strict):
     output_format: ClassVar[Format] = "hf"
     trains: ClassVar[bool] = False
     makes_reference: ClassVar[bool] = False
+    uses_reference: ClassVar[bool] = False  # reads the reference model (a teacher) too
     not_hashed: ClassVar[frozenset[str]] = frozenset({"name"})
     diagnosis: ClassVar[str | None] = None  # what a layer-by-layer probe covers, if any
 

@@ -11,7 +11,7 @@ output folder.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -52,6 +52,8 @@ class DistillConfig(TrainingConfig):
     """Knowledge distillation from the reference model (the teacher) into the input (student)."""
 
     kind: Literal["distill"] = "distill"
+
+    uses_reference: ClassVar[bool] = True
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) term; 1 = pure KD.")
     divergence: Literal["kl", "reverse_kl", "jsd"] = Field(
@@ -69,6 +71,12 @@ class DistillConfig(TrainingConfig):
     top_k: int = Field(64, ge=1, description="Logits kept per position in the teacher cache.")
     hidden: HiddenMatch | None = None
     attention_weight: float = Field(0.0, ge=0, description="Weight of attention-map KL.")
+    match_layers: Literal["auto", "off"] = Field(
+        "auto", description="auto: when the student has fewer layers than its teacher and "
+        "neither hidden nor attention_weight is set, match each kept layer's hidden states to "
+        "the teacher layer it came from (and attention maps where head counts match), as "
+        "TinyBERT does: deeper pruning recovers much more than from logits alone. Needs the "
+        "live teacher (off with teacher_cache).")
     teachers: list[TeacherSpec] = Field(
         default_factory=list, description="Several teachers (weighted soft targets); default: "
         "the reference model alone."
@@ -95,18 +103,55 @@ class DistillConfig(TrainingConfig):
             raise ValueError(f"{where}.augment: teacher-generated text needs model.task "
                              "causal-lm")
 
+    def notes(self, info: dict[str, Any]) -> list[str]:
+        how = info.get("layer_matching")
+        return [how] if how and how not in ("none", "explicit") else []
+
     def resolve_paths(self, resolve: Any) -> DistillConfig:
         return self.model_copy(update={"teachers": [
             t.model_copy(update={"path": resolve(t.path)}) for t in self.teachers]})
 
-    def terms(self) -> Any:
+    def terms(self, hidden: HiddenMatch | None = None, attention_weight: float | None = None
+              ) -> Any:
+        """The loss's terms; `hidden`/`attention_weight` override the fields (auto matching)."""
         from compress.distillation import KDTerms
 
+        hidden = hidden or self.hidden
         return KDTerms(alpha=self.alpha, temperature=self.temperature,
                        divergence=self.divergence, jsd_beta=self.jsd_beta,
-                       hidden_weight=self.hidden.weight if self.hidden else 0.0,
-                       hidden_kind=self.hidden.kind if self.hidden else "mse",
-                       attention_weight=self.attention_weight)
+                       hidden_weight=hidden.weight if hidden else 0.0,
+                       hidden_kind=hidden.kind if hidden else "mse",
+                       attention_weight=self.attention_weight if attention_weight is None
+                       else attention_weight)
+
+    def matching(self, student: dict[str, Any], teacher: dict[str, Any], lm: bool
+                 ) -> tuple[HiddenMatch | None, float, str | None]:
+        """(hidden matching, attention weight, what auto decided) from the two config.json
+        dicts. Explicit settings win; `auto` maps kept layers to the layers they came from (the
+        prune stage records them as `compress_layer_origin`), else uniformly."""
+        if self.hidden or self.attention_weight or self.match_layers == "off":
+            return self.hidden, self.attention_weight, None
+        s_n, t_n = _layers(student), _layers(teacher)
+        if not (isinstance(s_n, int) and isinstance(t_n, int) and s_n < t_n):
+            return None, 0.0, None
+        if self.teacher_cache or len(self.teachers) > 1:
+            return None, 0.0, ("layer matching off: the teacher cache keeps logits only"
+                               if self.teacher_cache else "layer matching off: several "
+                               "teachers")
+        origin = student.get("compress_layer_origin")
+        layer_map = [(i + 1, o + 1) for i, o in enumerate(origin)] \
+            if isinstance(origin, list) and len(origin) == s_n and max(origin) < t_n else None
+        from compress.losses import uniform_layer_map
+
+        pairs = layer_map or uniform_layer_map(s_n, t_n)
+        attention = 0.0
+        if not lm and all(_heads(student, s - 1) == _heads(teacher, t - 1) for s, t in pairs):
+            attention = 1.0
+        how = "the layers they came from" if layer_map else "a uniform map"
+        return (HiddenMatch(weight=1.0, kind="mse", layer_map=layer_map), attention,
+                f"{s_n} of {t_n} layers: hidden states matched to {how}"
+                + (", attention maps too" if attention else " (head counts differ: no "
+                   "attention maps)"))
 
     def apply(self, ref: ModelRef, ctx: StageContext, out: Path) -> dict[str, Any]:
         import torch
@@ -125,7 +170,10 @@ class DistillConfig(TrainingConfig):
 
         trc = ctx.recipe.model.trust_remote_code
         warnings: list[str] = []
-        attn = "eager" if self.attention_weight else None  # SDPA returns no attention maps
+        teacher_path = self.teachers[0].path if self.teachers else ctx.reference.path
+        hidden, attention_weight, auto = self.matching(
+            _config(ref.path), _config(teacher_path), ref.task == "causal-lm")
+        attn = "eager" if attention_weight else None  # SDPA returns no attention maps
         kwargs = {"attn_implementation": attn} if attn else {}
         student = load_model(ref.path, ref.task, ctx.data.num_labels, trust_remote_code=trc,
                              **kwargs)
@@ -137,16 +185,16 @@ class DistillConfig(TrainingConfig):
                                  f"{student.config.vocab_size}; their tokenizers must match")
         tok = load_tokenizer(ref.path, trust_remote_code=trc)
 
-        given = self.hidden.layer_map if self.hidden else None
+        given = hidden.layer_map if hidden else None
         pairs = kd.layer_map(student, teachers[0], given) \
-            if self.hidden or self.attention_weight else []
+            if hidden or attention_weight else []
         proj = torch.nn.ModuleDict()
-        if self.hidden:
+        if hidden:
             s_w, t_w = student.config.hidden_size, teachers[0].config.hidden_size
             if s_w != t_w:  # a learned projection per mapped layer, trained, never saved
                 proj = torch.nn.ModuleDict({str(s): torch.nn.Linear(s_w, t_w)
                                             for s, _ in pairs})
-        if self.attention_weight:
+        if attention_weight:
             for s, t in pairs:
                 hs = attention_heads(student, s - 1)
                 ht = attention_heads(teachers[0], t - 1)
@@ -163,9 +211,9 @@ class DistillConfig(TrainingConfig):
                 max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                 seed=a.seed, settings=a.model_dump())
 
-        loss_fn = kd.kd_loss(self.terms(), weights=weights, pairs=pairs, proj=proj)
-        fwd = {"output_hidden_states": bool(self.hidden),
-               "output_attentions": bool(self.attention_weight)}
+        loss_fn = kd.kd_loss(self.terms(hidden, attention_weight), weights=weights, pairs=pairs,
+                             proj=proj)
+        fwd = {"output_hidden_states": bool(hidden), "output_attentions": bool(attention_weight)}
         if self.teacher_cache:
             k = self.top_k if data.causal_lm else min(self.top_k, data.num_labels)
             if not is_main_process():
@@ -187,6 +235,8 @@ class DistillConfig(TrainingConfig):
         warnings += stats.pop("warnings", [])
         return {"warnings": warnings, "training": stats, "teachers": [r.path for r in refs],
                 "teacher_hashes": [r.hash for r in refs], "layer_map": pairs,
+                "layer_matching": auto or ("explicit" if pairs else "none"),
+                "attention_weight": attention_weight,
                 "projected": bool(len(proj)), "divergence": self.divergence,
                 "teacher_dtype": self.teacher_dtype, "augmentation": augmented}
 
@@ -228,3 +278,27 @@ class DistillConfig(TrainingConfig):
             models.append(model)
             refs.append(ref)
         return models, refs, [w for _, w in specs]
+
+
+def _config(path: str) -> dict[str, Any]:
+    """A model's config.json as a dict (a hub id through transformers' cache)."""
+    import json
+
+    p = Path(path) / "config.json"
+    if p.is_file():
+        return json.loads(p.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).to_dict()
+
+
+def _layers(config: dict[str, Any]) -> int | None:
+    n = config.get("num_hidden_layers", config.get("n_layers"))
+    return n if isinstance(n, int) else None
+
+
+def _heads(config: dict[str, Any], layer: int) -> int:
+    """Attention heads of one layer (0-based) from a config dict, encoders' pruned heads out."""
+    heads = config.get("num_attention_heads") or config.get("n_heads") or 0
+    pruned = (config.get("pruned_heads") or {}).get(str(layer), [])
+    return int(heads) - len(pruned)

@@ -91,10 +91,7 @@ def _export(ref: ModelRef, task: str, cfg: ExportConfig, out: Path, trc: bool) -
 
 def _check_classifier(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: Path,
                       trc: bool) -> dict[str, Any]:
-    import numpy as np
-
-    from compress.data import encode, loader
-    from compress.evaluate import OrtPredictor, TorchPredictor
+    from compress.evaluate import OrtPredictor, TorchPredictor, logit_parity
     from compress.measure import default_threads
     from compress.models import load_model, load_tokenizer
 
@@ -102,20 +99,12 @@ def _check_classifier(ref: ModelRef, cfg: ExportConfig, ctx: StageContext, out: 
     tok = load_tokenizer(ref.path, trust_remote_code=trc)
     torch_pred = TorchPredictor(load_model(ref.path, ref.task, ctx.data.num_labels,
                                            trust_remote_code=trc), threads)
-    ort_pred = OrtPredictor(str(out / ONNX_FILE), threads)
-    n = min(cfg.parity_samples, len(ctx.data.eval))
-    enc = encode(ctx.data.eval.select(range(n)), tok, ctx.data.spec.max_length)
-    diff, agree = 0.0, 0
-    for batch in loader(enc, tok, 16, tensors="np"):
-        batch.pop("labels")
-        a, b = torch_pred.logits(batch), ort_pred.logits(batch)
-        diff = max(diff, float(np.abs(a - b).max()))
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-    if not diff <= cfg.atol:
-        raise StageError(f"export: ONNX output differs from PyTorch by {diff:.3g} "
-                         f"(atol {cfg.atol:g}) on {n} eval examples")
-    return {"onnx_file": ONNX_FILE, "parity": {"max_abs_diff": diff, "atol": cfg.atol,
-                                               "samples": n, "argmax_agreement": agree / n}}
+    p = logit_parity(torch_pred, OrtPredictor(str(out / ONNX_FILE), threads), ctx.data, tok,
+                     cfg.parity_samples)
+    if not p["max_abs_diff"] <= cfg.atol:
+        raise StageError(f"export: ONNX output differs from PyTorch by {p['max_abs_diff']:.3g} "
+                         f"(atol {cfg.atol:g}) on {p['samples']} eval examples")
+    return {"onnx_file": ONNX_FILE, "parity": {**p, "atol": cfg.atol}}
 
 
 def _ensure_side_files(src: Path, out: Path, tok: Any) -> None:

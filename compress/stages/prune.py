@@ -134,6 +134,11 @@ class PruneConfig(StageConfig):
                               batches)
         model.zero_grad(set_to_none=True)
         model.eval()
+        if dropped:  # which layers of the first unpruned model each kept layer is (distill)
+            before_origin = getattr(model.config, "compress_layer_origin", None)
+            if not isinstance(before_origin, list) or len(before_origin) != before["layers"]:
+                before_origin = list(range(before["layers"]))
+            model.config.compress_layer_origin = [before_origin[i] for i in original]
         after = lay.shape()
         macs_after, _ = pruning.count_macs(model, length)
 

@@ -5,7 +5,8 @@ The preset (avx2, avx512, avx512_vnni, arm64) picks the operators and int format
 kernels are fast at; the quantization config travels with the model (ort_config.json), and the
 graph optimization level to run it with in ort_session.json.
 
-Static INT8 quantizes MatMul/Gemm only (see STATIC_OPS). Causal LMs: lm_head and the
+Static INT8 quantizes MatMul/Gemm and the embedding Gather (see STATIC_OPS); the card lists the
+op types each model ended up quantized at. Causal LMs: lm_head and the
 token-embedding Gather stay float by default (INT8 there costs the most perplexity for the least
 time), and calibration feeds full training blocks with an empty KV cache: the prefill pass, whose
 activation ranges the decode steps share (the model keeps its cache inputs; no second export).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from compress.arch import graph_nodes, lm_head_and_embeddings
-from compress.artifact import INFO_FILE, LINEAGE_FILE, ModelRef
+from compress.artifact import ModelRef, copy_side_files
 from compress.data import TaskData
 from compress.errors import StageError, first_line
 from compress.evaluate import SESSION_FILE, session_options
@@ -36,11 +36,17 @@ from compress.stage import StageConfig, StageContext
 TARGET_FLAG = {"avx512_vnni": "avx512_vnni", "avx512": "avx512f", "avx2": "avx2",
                "arm64": "asimd"}
 CALIB_BATCH = 8
-# Static INT8 quantizes the matmuls, which carry nearly all the compute. Elementwise ops in int8
-# save little and cost accuracy: the additive attention mask spans -3.4e38..0 (it breaks
-# histogram calibration outright), and an LM's KV-cache Concat/Softmax would be requantized
-# every step.
-STATIC_OPS = ("MatMul", "Gemm")
+# Static INT8 quantizes the matmuls, which carry nearly all the compute, and the embedding
+# Gather, which carries half of a small encoder's bytes (without it a static INT8 MiniLM was
+# 2.6x larger than a dynamic one). Elementwise ops in int8 save little and cost accuracy: the
+# additive attention mask spans -3.4e38..0 (it breaks histogram calibration outright), and an
+# LM's KV-cache Concat/Softmax would be requantized every step.
+STATIC_OPS = ("MatMul", "Gemm", "Gather")
+# Integer kernels, by the float op they replace: how the card counts what was quantized.
+INTEGER_OPS = {"MatMulInteger": "MatMul", "DynamicQuantizeMatMul": "MatMul",
+               "QLinearMatMul": "MatMul", "MatMulNBits": "MatMul", "QGemm": "Gemm",
+               "QAttention": "Attention", "QEmbedLayerNormalization": "EmbedLayerNormalization",
+               "GatherBlockQuantized": "Gather"}
 
 
 class QuantizeConfig(StageConfig):
@@ -63,6 +69,15 @@ class QuantizeConfig(StageConfig):
         "Below 'extended', static INT8's QDQ pairs are not fused into integer kernels and the "
         "model runs slower than fp32 (measured: 0.2x at batch 1).")
     block_size: int = Field(32, ge=16, description="INT4: weights per scale (a power of 2).")
+    algorithm: Literal["rtn", "hqq", "gptq"] = Field(
+        "rtn", description="INT4: how weights are rounded. rtn: nearest (fast, the default); "
+        "hqq: half-quadratic, float zero points (best perplexity, but ONNX Runtime's CPU kernel "
+        "for float zero points ran 5x slower than fp32 on SmolLM2); gptq: calibrated on "
+        "calibration_samples training blocks (slow to quantize; no better than rtn here).")
+    accuracy_level: int = Field(
+        4, ge=0, le=4, description="INT4: MatMulNBits' compute precision (0 unset, 1 fp32, 2 "
+        "fp16, 3 bf16, 4 int8 activations): 4 decoded SmolLM2 18-26% faster than fp32 "
+        "compute for +0.1 perplexity.")
     symmetric: bool = Field(False, description="INT4: symmetric blocks (no zero point); "
                             "asymmetric keeps more of small models' quality.")
 
@@ -171,7 +186,7 @@ def _apply(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> 
     try:
         with quiet(root=True, stdout=True):
             if cfg.method == "int4":
-                written, detail = _int4(ref, cfg, excluded, external, out)
+                written, detail = _int4(ref, cfg, ctx, excluded, external, out)
             else:
                 written, detail = _int8(ref, cfg, ctx, excluded, external, lm, out)
     except StageError:
@@ -180,7 +195,8 @@ def _apply(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, out: Path) -> 
         raise StageError(f"quantize: ONNX Runtime could not quantize {ref.onnx_path}: "
                          f"{first_line(e)}") from None
     _check_output(out / written, cfg.method)
-    _copy_side_files(ref, out)
+    detail["quantized_ops"] = quantized_ops(out / written)
+    copy_side_files(ref, out)
     (out / SESSION_FILE).write_text(json.dumps(
         {"graph_optimization_level": cfg.optimization_level}, indent=2) + "\n")
     info: dict[str, Any] = {
@@ -203,6 +219,14 @@ def _int8(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, excluded: list[
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     static = cfg.method == "static"
+    written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int8.onnx"
+    if not static and _fused(ref):  # optimum's quantizer cannot type the fused ops
+        from compress.graph_opt import quantize_dynamic_fused
+
+        quantize_dynamic_fused(ref.onnx_path, out / written, nodes_to_exclude=excluded,
+                               use_external_data_format=external, **_dynamic_kwargs(cfg))
+        return written, {"weights": "int8", "activations": "int8 (dynamic, per batch)",
+                         "calibration": None, "graph": "fused (QAttention etc.)"}
     preset = getattr(AutoQuantizationConfig, cfg.target)
     kwargs: dict[str, Any] = {"is_static": static, "per_channel": cfg.per_channel,
                               "nodes_to_exclude": excluded}
@@ -219,10 +243,17 @@ def _int8(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, excluded: list[
                                                  qconfig.operators_to_quantize]}
     quantizer.quantize(qconfig, save_dir=out, file_suffix="int8",
                        calibration_tensors_range=ranges, use_external_data_format=external)
-    written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int8.onnx"
     if not (out / written).is_file():
         raise StageError("quantize: the quantizer wrote no ONNX file")
     return written, detail
+
+
+def _fused(ref: ModelRef) -> bool:
+    """Whether the input went through the transformer fusions (contrib ops in the graph)."""
+    import onnx
+
+    model = onnx.load(str(ref.onnx_path), load_external_data=False)
+    return any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
 def calibration_feeds(ref: ModelRef, ctx: StageContext, n: int, lm: bool,
@@ -327,20 +358,108 @@ def _calibrate(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, qconfig: A
     return ranges, info
 
 
-def _int4(ref: ModelRef, cfg: QuantizeConfig, excluded: list[str], external: bool,
-          out: Path) -> tuple[str, dict[str, Any]]:
+def _int4(ref: ModelRef, cfg: QuantizeConfig, ctx: StageContext, excluded: list[str],
+          external: bool, out: Path) -> tuple[str, dict[str, Any]]:
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     model = onnx.load(str(ref.onnx_path))  # with external data: the weights are what we quantize
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size,
-                             is_symmetric=cfg.symmetric, nodes_to_exclude=excluded)
+    level = cfg.accuracy_level or None
+    calib = None
+    if cfg.algorithm == "hqq":
+        q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size,
+                                     is_symmetric=cfg.symmetric, nodes_to_exclude=excluded,
+                                     algo_config=mnb.HQQWeightOnlyQuantConfig(
+                                         block_size=cfg.block_size, bits=4))
+    elif cfg.algorithm == "gptq":
+        import onnxruntime as ort
+
+        meta = ort.InferenceSession(str(ref.onnx_path), session_options(1),
+                                    providers=["CPUExecutionProvider"]).get_inputs()
+        feeds = [{k: v[i:i + 1] for k, v in f.items()} for f in
+                 calibration_feeds(ref, ctx, cfg.calibration_samples, True, meta)
+                 for i in range(len(f["input_ids"]))]
+        calib = len(feeds)
+        q = _ExcludingQuantizer(model, bits=4, block_size=cfg.block_size,
+                                is_symmetric=cfg.symmetric, nodes_to_exclude=excluded,
+                                accuracy_level=level,
+                                algo_config=mnb.GPTQWeightOnlyQuantConfig(
+                                    calibration_data_reader=_Feeds(feeds),
+                                    block_size=cfg.block_size))
+    else:
+        q = mnb.MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size,
+                                     is_symmetric=cfg.symmetric, nodes_to_exclude=excluded,
+                                     accuracy_level=level)
     q.process()
+    if level and cfg.algorithm == "hqq":  # HQQ's config never writes it: set it on the nodes
+        for n in q.model.model.graph.node:
+            if n.op_type == "MatMulNBits" and not any(a.name == "accuracy_level"
+                                                      for a in n.attribute):
+                n.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
     written = f"{Path(ref.onnx_file or 'model.onnx').stem}_int4.onnx"
     q.model.save_model_to_file(str(out / written), use_external_data_format=external)
     kind = "symmetric" if cfg.symmetric else "asymmetric"
-    return written, {"weights": f"int4 ({kind}, block {cfg.block_size})", "calibration": None,
-                     "activations": "float (weight-only)", "block_size": cfg.block_size}
+    return written, {"weights": f"int4 ({kind}, block {cfg.block_size}, {cfg.algorithm})",
+                     "calibration": f"{calib} blocks (gptq)" if calib else None,
+                     "activations": "float (weight-only)", "block_size": cfg.block_size,
+                     "algorithm": cfg.algorithm, "accuracy_level": cfg.accuracy_level}
+
+
+class _Feeds:
+    """A CalibrationDataReader that the GPTQ path can deep-copy and iterate."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.feeds, self._i = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self.feeds):
+            return None
+        self._i += 1
+        return self.feeds[self._i - 1]
+
+    def __iter__(self):  # noqa: ANN204 - the INC dataloader iterates the reader
+        return iter(self.feeds)
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def _excluding_quantizer() -> type:
+    """MatMulNBitsQuantizer whose GPTQ path honours nodes_to_exclude (ORT 1.32's ignores it:
+    lm_head would be quantized)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    class Excluding(MatMulNBitsQuantizer):
+        def _generate_q4_node_config(self) -> dict[str, Any]:
+            config = super()._generate_q4_node_config()
+            for name in self.nodes_to_exclude:
+                if name in config:
+                    config[name] = "fp32"
+            return config
+
+    return Excluding
+
+
+def _ExcludingQuantizer(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class, built late
+    return _excluding_quantizer()(*args, **kwargs)
+
+
+def quantized_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each op type run on integer weights: integer kernels, counted as the
+    float op they replace, and float ops fed by a DequantizeLinear (QDQ, weight-only Gather)."""
+    import onnx
+
+    nodes = graph_nodes(onnx.load(str(path), load_external_data=False))
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    counts: dict[str, int] = {}
+    for n in nodes:
+        kind = INTEGER_OPS.get(n.op_type)
+        if kind is None and n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
+                producer.get(i) == "DequantizeLinear" for i in n.input):
+            kind = n.op_type
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _check_output(path: Path, method: str) -> None:
@@ -361,11 +480,4 @@ def _check_output(path: Path, method: str) -> None:
                          f"{first_line(e)}") from None
 
 
-def _copy_side_files(ref: ModelRef, out: Path) -> None:
-    """Tokenizer and config travel with the model; the input's ONNX weights do not."""
-    onnx_names = {p.name for p in ref.dir.glob("*.onnx")}
-    for f in ref.dir.iterdir():
-        weights = f.suffix == ".onnx" or any(f.name.startswith(o) for o in onnx_names)
-        if f.is_file() and not weights and f.name not in (LINEAGE_FILE, INFO_FILE) \
-                and not (out / f.name).exists():
-            shutil.copy2(f, out / f.name)
+

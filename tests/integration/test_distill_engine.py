@@ -133,3 +133,18 @@ def test_compiled_student_trains_like_the_eager_one(write_recipe, tmp_path):
     for (s1, a), (s2, b) in zip(runs[False]["loss_curve"], runs[True]["loss_curve"],
                                 strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-3, abs=1e-4)
+
+
+def test_a_deeper_pruned_student_matches_the_layers_it_kept(write_recipe):
+    plan = make_plan(load_recipe(write_recipe([
+        {"kind": "prune", "drop_layers": [1]},
+        {"kind": "distill", "max_steps": 6, "batch_size": 8}])))
+    pruned = run_stage(plan, 0, plan.source)
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(pruned.model.path).compress_layer_origin == [0, 2, 3]
+    card = run_stage(plan, 1, pruned.model)
+    assert card.info["layer_map"] == [[1, 1], [2, 3], [3, 4]]
+    assert card.info["attention_weight"] == 1.0
+    assert card.info["layer_matching"].startswith("3 of 4 layers: hidden states matched to the "
+                                                  "layers they came from, attention maps too")

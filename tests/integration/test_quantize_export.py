@@ -160,6 +160,25 @@ def test_lm_int4_zero_points_only_when_asymmetric(lm_export, tmp_path, tiny_llam
     assert has_zp and all(z != symmetric for z in has_zp)
 
 
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq"])
+def test_lm_int4_algorithms_and_accuracy_level(lm_export, tmp_path, tiny_llama, lm_text,
+                                               algorithm):
+    ref, info = quantize_lm(lm_export, tmp_path, tiny_llama, lm_text,
+                            {"method": "int4", "block_size": 16, "algorithm": algorithm,
+                             "accuracy_level": 4, "calibration_samples": 4})
+    q = info["quantization"]
+    assert q["algorithm"] == algorithm and q["accuracy_level"] == 4
+    nodes = onnx.load(str(ref.onnx_path)).graph.node
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 7
+    assert all({a.name: a.i for a in n.attribute}.get("accuracy_level") == 4 for n in nbits)
+    [head] = [n for n in nodes if n.name == "/lm_head/MatMul"]
+    assert head.op_type == "MatMul"  # excluded from every algorithm, GPTQ's included
+    if algorithm == "gptq":
+        assert q["calibration"].endswith("blocks (gptq)")
+    check_lm_runs(ref)
+
+
 def test_lm_dynamic_int8_excludes_lm_head_and_embeddings(lm_export, tmp_path, tiny_llama,
                                                          lm_text):
     ref, info = quantize_lm(lm_export, tmp_path, tiny_llama, lm_text, {"method": "dynamic"})
@@ -175,8 +194,9 @@ def test_lm_static_int8_calibrates_with_empty_cache(lm_export, tmp_path, tiny_ll
     ref, info = quantize_lm(lm_export, tmp_path, tiny_llama, lm_text,
                             {"method": "static", "calibration_samples": 16})
     q = info["quantization"]
-    assert q["operators"] == ["MatMul", "Gemm"] and q["calibration_examples"] >= 2
+    assert q["operators"] == ["MatMul", "Gemm", "Gather"] and q["calibration_examples"] >= 2
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(ref.onnx_path)
+    assert q["quantized_ops"].get("MatMul", 0) >= 4 and "Gather" not in q["quantized_ops"]
     check_lm_runs(ref)
 
 
@@ -203,6 +223,20 @@ def test_static_int8_qdq_each_calibration(write_recipe, calibration):
     if "avx512_vnni" not in q["cpu_flags_present"]:
         assert quant.warnings[0].startswith("the avx512_vnni preset on a CPU without "
                                             "avx512_vnni: ")
+
+
+def test_static_int8_quantizes_the_embedding_and_says_what_it_quantized(write_recipe):
+    _, [export, static] = run_all(write_recipe([
+        {"kind": "export"},
+        {"kind": "quantize", "method": "static", "calibration_samples": 16}]))
+    q = static.info["quantization"]
+    assert q["quantized_ops"]["Gather"] == 3  # word, position and token-type tables
+    assert q["quantized_ops"]["MatMul"] >= 4 * 6  # q, k, v, o and two FFN matmuls per layer
+    m = onnx.load(str(static.model.onnx_path))
+    producer = {o: n.op_type for n in m.graph.node for o in n.output}
+    [emb] = [n for n in m.graph.node if n.op_type == "Gather" and "word_embeddings" in n.name]
+    assert producer.get(emb.input[0]) == "DequantizeLinear"  # the table is stored in int8
+    assert np.isfinite(static.metrics.value)
 
 
 def test_exclude_pattern_matching_nothing_is_refused(write_recipe):
@@ -252,16 +286,21 @@ def test_edge_benchmark_building_blocks(write_recipe, tmp_path, capsys):
     plan, [_, final] = run_all(write_recipe([{"kind": "export"}, {"kind": "quantize"}]))
     data = plan_data(plan)
     root = tmp_path / "bench-edge"
-    refs = edge.variants(plan, data, plan.source, final.model, root)
-    assert list(refs) == ["fp32 (teacher)", "dynamic int8 (teacher)", "static int8 (teacher)",
-                          "final (pruned+distilled int8)"]
+    refs = edge.variants(plan, data, plan.source, plan.source, final.model, root)
+    assert list(refs) == ["fp32 (teacher)", "+ fusion", "+ dynamic int8", "+ static int8",
+                          "+ vocab trim", "+ prune & distill", "final (all levers)"]
     assert refs["fp32 (teacher)"].onnx_file == "model.onnx"
-    assert {"QuantizeLinear"} <= ops(refs["static int8 (teacher)"].onnx_path)
-    again = edge.variants(plan, data, plan.source, final.model, root)  # reused, not rebuilt
+    assert {"QuantizeLinear"} <= ops(refs["+ static int8"].onnx_path)
+    assert "Attention" in ops(refs["+ fusion"].onnx_path)
+    again = edge.variants(plan, data, plan.source, plan.source, final.model, root)  # reused
     assert {k: v.hash for k, v in again.items()} == {k: v.hash for k, v in refs.items()}
-    lines, ok = edge.table(edge.measure(refs, data, plan.recipe.evaluation), 4)
-    assert len(lines) == 1 + 4 + 2 and set(ok) == {1, 4}
-    assert lines[-1].startswith("goal, batch 4: final ") and lines[-1].endswith(("PASS", "MISS"))
+    metrics = edge.measure(refs, data, plan.recipe.evaluation)
+    speed = edge.head_to_head(refs, data, plan.recipe.evaluation, rounds=3)
+    assert speed["fp32 (teacher)"][0] == pytest.approx(1.0, rel=0.5)
+    lines, ok = edge.table(metrics, speed)
+    assert len(lines) == 1 + 7 + 3 and set(ok) == {"accuracy", "size", "speed"}
+    assert lines[-1].startswith("goal: final p50 at batch 1 is ")
+    assert lines[-1].endswith(("PASS", "MISS"))
 
 
 def test_edge_benchmark_without_demo_outputs_says_run_make_demo(write_recipe, capsys):

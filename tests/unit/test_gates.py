@@ -73,7 +73,29 @@ def test_speedup_is_like_for_like():
     onnx = _run(ref_ms=40.0, final_ms=10.0, onnx_ref_ms=20.0)
     g = _one(onnx, min_speedup=3.0)
     assert not g.passed and g.value == 2.0
-    assert g.message == "2.00x faster at batch 1, p50 (required 3x)"
+    assert g.message == "2.00x faster at batch 1, p50 (separate timings; required 3x)"
+
+
+def test_speedup_gate_prefers_the_head_to_head_measurement():
+    from compress.report import HeadToHead
+
+    r = _run(ref_ms=40.0, final_ms=10.0)  # separate timings say 4x
+    r.head_to_head = HeadToHead(reference="reference", candidate="quantize", runtime="torch",
+                                batch_size=1, sequence_length=64, rounds=5,
+                                reference_ms=[30.0] * 5, candidate_ms=[10.0] * 5,
+                                ratios=[2.9, 3.0, 3.0, 3.1, 3.0], speedup=3.0, low=2.9,
+                                high=3.1, noisy=False)
+    g = _one(r, min_speedup=3.5)
+    assert not g.passed and g.value == 3.0
+    assert g.message == "3.00x faster at batch 1, p50 (head to head, 5 rounds 2.90-3.10x; " \
+                        "required 3.5x)"
+
+
+def test_no_speedup_across_runtimes():
+    r = _run(ref_ms=40.0, final_ms=10.0)
+    r.stages[-1].metrics.runtime = "onnxruntime"  # and no reference timed in ONNX Runtime
+    g = _one(r, min_speedup=1.0)
+    assert not g.passed and "no like-for-like reference" in g.message
 
 
 def test_no_gates_without_a_compressed_model():

@@ -113,3 +113,26 @@ def test_teacher_cache_refuses_what_needs_live_teachers():
     msg = error_of(with_(stages=[{"kind": "distill", "teacher_cache": True,
                                   "hidden": {"weight": 1.0}}]))
     assert "stages[0]: teacher_cache keeps logits of one teacher only" in msg
+
+
+def test_distill_matches_kept_layers_by_default():
+    """TinyBERT-style: a student with fewer layers matches the layers it kept."""
+    from compress.stages.distill import DistillConfig, HiddenMatch
+
+    teacher = {"num_hidden_layers": 6, "num_attention_heads": 12}
+    student = {"num_hidden_layers": 3, "num_attention_heads": 12,
+               "compress_layer_origin": [0, 2, 5]}
+    hidden, attention, why = DistillConfig().matching(student, teacher, lm=False)
+    assert hidden.layer_map == [(1, 1), (2, 3), (3, 6)] and attention == 1.0
+    assert "the layers they came from, attention maps too" in why
+    pruned_heads = {**student, "pruned_heads": {"0": [0, 1]}}
+    assert DistillConfig().matching(pruned_heads, teacher, lm=False)[1] == 0.0
+    uniform, _, why = DistillConfig().matching({"num_hidden_layers": 3}, teacher, lm=True)
+    assert uniform.layer_map is None and "uniform" in why  # the loss builds the uniform map
+    assert DistillConfig(teacher_cache=True).matching(student, teacher, False)[:2] == (None, 0)
+    explicit = HiddenMatch(weight=2.0)
+    assert DistillConfig(hidden=explicit).matching(student, teacher, False) == (explicit, 0.0,
+                                                                               None)
+    assert DistillConfig(match_layers="off").matching(student, teacher, False) == (None, 0.0,
+                                                                                   None)
+    assert DistillConfig().matching(teacher, teacher, False) == (None, 0.0, None)  # not smaller
