@@ -70,6 +70,7 @@ class StageConfig(Strict):
     uses_reference: ClassVar[bool] = False  # reads the reference model (a teacher) too
     not_hashed: ClassVar[frozenset[str]] = frozenset({"name"})
     diagnosis: ClassVar[str | None] = None  # what a layer-by-layer probe covers, if any
+    architectures: ClassVar[tuple[str, ...] | None] = None  # model_types it handles (None: all)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -115,7 +116,12 @@ class StageConfig(Strict):
 
     def check_model(self, model_config: dict[str, Any]) -> None:
         """Whether this stage can handle the model (its config.json); raise ValueError. Run at
-        plan time, before any work, so an unsupported architecture costs seconds, not a run."""
+        plan time, before any work, so an unsupported architecture costs seconds, not a run.
+        By default: the model_type must be one of `architectures` (when the stage names any)."""
+        mt = model_config.get("model_type", "?")
+        if self.architectures is not None and mt not in self.architectures:
+            raise ValueError(f"architecture {mt!r} is not supported "
+                             f"(supported: {', '.join(self.architectures)})")
 
     def resolve_paths(self, resolve: Callable[[str], str]) -> StageConfig:
         """This config with its file paths resolved (relative to the recipe's folder)."""

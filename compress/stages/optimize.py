@@ -36,6 +36,7 @@ class OptimizeConfig(StageConfig):
 
     input_format: ClassVar[str] = "onnx"
     output_format: ClassVar[str] = "onnx"
+    architectures: ClassVar[tuple[str, ...] | None] = tuple(ENCODERS)
 
     def check(self, recipe: Any, index: int) -> None:
         if recipe.model.task != "sequence-classification":
@@ -46,12 +47,6 @@ class OptimizeConfig(StageConfig):
             raise ValueError(f"{self.where(index)}: static INT8 cannot follow the fusions "
                              "(ONNX Runtime's static quantizer cannot type the fused ops); use "
                              "method dynamic, or drop this stage")
-
-    def check_model(self, model_config: dict[str, Any]) -> None:
-        mt = model_config.get("model_type", "?")
-        if mt not in ENCODERS:
-            raise ValueError(f"architecture {mt!r} has no transformer fusions here "
-                             f"(supported: {', '.join(ENCODERS)})")
 
     def notes(self, info: dict[str, Any]) -> list[str]:
         f = info["fusion"]

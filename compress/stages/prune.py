@@ -11,7 +11,7 @@ same tokens) before the stage succeeds; MACs before and after go on the card.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -40,6 +40,8 @@ class PruneConfig(StageConfig):
     calibration_samples: int = Field(64, ge=1, description="Examples for the taylor importance.")
     seed: int = 0
 
+    architectures: ClassVar[tuple[str, ...] | None] = SUPPORTED
+
     @field_validator("drop_layers")
     @classmethod
     def _unique_layers(cls, v: list[int]) -> list[int]:
@@ -59,12 +61,6 @@ class PruneConfig(StageConfig):
         """taylor/activation importance and depth scoring read calibration data. (Every prune
         stage's id has always included the data: kept, so existing outputs keep their ids.)"""
         return True
-
-    def check_model(self, model_config: dict[str, Any]) -> None:
-        mt = model_config.get("model_type", "?")
-        if mt not in SUPPORTED:
-            raise ValueError(f"architecture {mt!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED)})")
 
     def notes(self, info: dict[str, Any]) -> list[str]:
         b, a = info["before"], info["after"]

@@ -15,7 +15,7 @@ It goes after distillation (the teacher keeps its own vocabulary) and before exp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -36,6 +36,8 @@ class TrimVocabConfig(StageConfig):
     extra_text: str | None = Field(None, description="A text file whose tokens are kept too "
                                    "(label words, prompts, a domain glossary).")
 
+    architectures: ClassVar[tuple[str, ...] | None] = WORDPIECE_FAMILIES  # WordPiece only
+
     def uses_data(self) -> bool:
         return True
 
@@ -53,12 +55,6 @@ class TrimVocabConfig(StageConfig):
                              "reference's own vocabulary; move it after")
         if self.extra_text is not None and not Path(self.extra_text).is_file():
             raise ValueError(f"{where}.extra_text: {self.extra_text}: no such file")
-
-    def check_model(self, model_config: dict[str, Any]) -> None:
-        mt = model_config.get("model_type", "?")
-        if mt not in WORDPIECE_FAMILIES:
-            raise ValueError(f"architecture {mt!r}: vocabulary trimming needs a WordPiece "
-                             f"tokenizer (supported: {', '.join(WORDPIECE_FAMILIES)})")
 
     def notes(self, info: dict[str, Any]) -> list[str]:
         v = info["vocab"]
