@@ -9,7 +9,8 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo demo-lm test test-fast lint benchmark benchmark-orchestration screenshots clean
+.PHONY: install demo demo-lm test test-fast lint benchmark benchmark-edge benchmark-edge-lm \
+	benchmark-orchestration screenshots clean
 
 install: $(STAMP)
 
@@ -52,6 +53,14 @@ lint: $(STAMP)
 
 benchmark: $(STAMP) assets/movie-snippets.csv
 	$(BIN)/python benchmarks/demo.py
+
+# Each compression lever alone and combined on the demo's models, speed-ups timed head to head.
+benchmark-edge: $(STAMP) assets/movie-snippets.csv
+	$(BIN)/python benchmarks/edge.py recipes/demo-sentiment.yaml
+
+# Decode tokens/s and perplexity of the LM demo's models, our INT4 route vs onnxruntime-genai's.
+benchmark-edge-lm: $(STAMP) assets/smollm2/config.json
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/edge_lm.py recipes/demo-smollm2.yaml
 
 # Prefect's cost: a tiny recipe through the flow vs. the same stages called directly.
 benchmark-orchestration: $(STAMP)

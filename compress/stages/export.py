@@ -6,6 +6,12 @@ is exported with its KV cache (optimum's `text-generation-with-past`: one `model
 `past_key_values.*` inputs may be empty on the first step; `model.onnx_data` beside it when the
 weights pass 2 GB) and must also reproduce PyTorch's greedy generations token for token: matching
 logits on a prefill says nothing about the cache path that generation runs on.
+
+Causal LMs have a second route, `route: genai`: onnxruntime-genai's model builder writes a graph
+made for decoding (GroupQueryAttention and fused norms instead of optimum's op-by-op attention).
+optimum's ORTModelForCausalLM runs it unchanged, so the same parity checks and every later stage
+apply; on SmolLM2 its fp32 graph, INT4-quantized by the quantize stage, decoded 2.7x faster than
+optimum's fp32 graph where optimum's own graph INT4-quantized reached 1.8x (interleaved runs).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class ExportConfig(StageConfig):
     opset: int | None = Field(None, ge=11)
     atol: float = Field(1e-4, gt=0, description="Max abs difference of logits vs PyTorch.")
     parity_samples: int = Field(32, ge=1)
+    route: Literal["optimum", "genai"] = Field(
+        "optimum", description="Causal LMs: optimum's exporter, or onnxruntime-genai's model "
+        "builder (a graph made for decoding: fused attention; Llama-family models).")
 
     output_format: ClassVar[str] = "onnx"
 
@@ -45,6 +54,13 @@ class ExportConfig(StageConfig):
         if earlier:
             raise ValueError(f"{self.where(index)}: the model is already exported at "
                              f"stages[{earlier[0]}]")
+        if self.route == "genai" and recipe.model.task != "causal-lm":
+            raise ValueError(f"{self.where(index)}.route: genai builds causal LMs; classifiers "
+                             "export with optimum")
+
+    def notes(self, info: dict[str, Any]) -> list[str]:
+        return ["built by onnxruntime-genai's model builder (fused decoding graph), checked "
+                "against PyTorch like any export"] if self.route == "genai" else []
 
     def apply(self, ref: ModelRef, ctx: StageContext, out: Path) -> dict[str, Any]:
         if ref.format != "hf":
@@ -52,7 +68,10 @@ class ExportConfig(StageConfig):
         if ref.task not in TASKS:
             raise StageError(f"export: no ONNX export for task {ref.task!r}")
         trc = ctx.recipe.model.trust_remote_code
-        _export(ref, TASKS[ref.task], self, out, trc)
+        if self.route == "genai":
+            _build_genai(ref, out)
+        else:
+            _export(ref, TASKS[ref.task], self, out, trc)
         if ref.task == "causal-lm":
             return _check_causal_lm(ref, self, ctx, out, trc)
         return _check_classifier(ref, self, ctx, out, trc)
@@ -73,6 +92,30 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int | None,
                                  do_sample=False, num_beams=1, pad_token_id=pad_id)
         out.append([int(t) for t in gen[0, len(p):]])
     return out
+
+
+def _build_genai(ref: ModelRef, out: Path) -> None:
+    """onnxruntime-genai's builder, fp32 (the quantize stage does INT4, with its options)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        raise StageError("export.route: genai needs onnxruntime-genai (pip install "
+                         "onnxruntime-genai==0.15.2)") from None
+    with tempfile.TemporaryDirectory(prefix="genai-cache-") as cache:
+        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                            str(ref.dir), "-o", str(out), "-p", "fp32", "-e", "cpu", "-c",
+                            cache], capture_output=True, text=True)
+    if r.returncode != 0 or not (out / ONNX_FILE).is_file():
+        why = next((ln for ln in reversed(r.stderr.splitlines()) if ln.strip()), "no output")
+        raise StageError(f"export: onnxruntime-genai's builder could not build {ref.path}: "
+                         f"{why[:300]}")
+    for name in ("config.json", "generation_config.json"):  # what optimum's loader reads
+        if (ref.dir / name).is_file():
+            shutil.copy2(ref.dir / name, out / name)
 
 
 def _export(ref: ModelRef, task: str, cfg: ExportConfig, out: Path, trc: bool) -> None:

@@ -291,6 +291,8 @@ CASES = [
     Case("third-texts-empty", "a third of the texts empty (warned, run goes on)",
          texts(["a good film", "a dull film", None] * 30),
          "data: 30 of 90 train rows dropped (empty text: 30)", exit=0),
+    Case("genai-classifier", "the genai export route for a classifier",
+         stage(kind="export", route="genai"), "route: genai builds causal LMs"),
     Case("optimize-lm", "transformer fusions for a causal LM",
          lambda d, t: (lm(kind="export")(d, t), d["stages"].append({"kind": "optimize"})),
          "the transformer fusions are for encoder classifiers"),

@@ -94,6 +94,23 @@ def test_lm_export_matches_pytorch_generation(lm_export):
     assert "past_key_values.0.key" in inputs  # exported with the KV cache (GQA: 2 kv heads)
 
 
+def test_lm_genai_route_exports_a_graph_optimum_runs_and_int4_quantizes(tmp_path, tiny_llama,
+                                                                        lm_text):
+    """onnxruntime-genai's builder as the export route: the same parity checks pass (logits and
+    greedy generation through ORTModelForCausalLM), and the INT4 stage quantizes its graph."""
+    pytest.importorskip("onnxruntime_genai")
+    plan = lm_plan(tmp_path, tiny_llama, lm_text,
+                   [{"kind": "export", "route": "genai", "atol": 1e-3},
+                    {"kind": "quantize", "method": "int4", "block_size": 16}])
+    ref, info = apply_stage(plan, 0, plan.source)
+    assert "GroupQueryAttention" in ops(ref.onnx_path)  # the builder's fused attention
+    assert info["parity"]["max_abs_diff"] <= 1e-3 and info["parity"]["generation"]["match"]
+    q_ref, q_info = apply_stage(plan, 1, ref)
+    assert "MatMulNBits" in ops(q_ref.onnx_path)
+    assert q_info["quantization"]["excluded_by_default"] == ["/lm_head/MatMul"]
+    check_lm_runs(q_ref)
+
+
 def test_lm_export_generation_mismatch_fails(tmp_path, tiny_llama, lm_text, monkeypatch):
     from optimum.onnxruntime import ORTModelForCausalLM
 
