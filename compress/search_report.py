@@ -1,0 +1,300 @@
+"""A search's results as data, and as Markdown and one self-contained HTML page.
+
+compress.search fills a `SearchResult` from its Optuna study (every trial, whatever became of
+it) and writes it to reports/<recipe>/search-<id>/ as trials.json, report.md and report.html.
+The renderers are pure functions of that data, like compress.render and compress.html_report
+are of a run report; the page draws with the same axes, grid and Pareto staircase as a run's
+page, inline SVG with no network.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+# One way to draw axes, grids and a Pareto staircase (the run page's), not a second copy.
+from compress.html_report import CSS, _axis, _e, _x_grid, pareto_front
+from compress.metrics import METRICS
+
+TrialState = Literal["complete", "pruned", "failed", "lost", "running", "waiting"]
+UNITS = {"latency": "p50 b1 ms", "size": "size MB", "macs": "GMACs"}
+
+
+class TrialRow(BaseModel):
+    """One trial: what it tried, what it measured and whether it met the gates."""
+
+    number: int
+    name: str = ""  # its recipe's name (<recipe>-t007): its report folder and flow run
+    state: TrialState
+    params: dict[str, Any] = {}
+    values: dict[str, float] = {}  # objective -> latency ms, size bytes, MACs or the metric
+    deltas: dict[str, float] = {}  # against the reference: metric_change, size_ratio, ...
+    gates: list[dict[str, Any]] = []  # {gate, passed, message}
+    violation: float = 0.0  # sum of the gates' relative shortfalls; 0 = every gate met
+    note: str = ""  # why it was pruned, the error it failed with, or that it was lost
+    report: str = ""  # its run report folder
+    model: str = ""  # its final model folder
+    built: int = 0  # stage outputs this trial built
+    reused: int = 0  # stage outputs it found already built (by an earlier trial or run)
+    seconds: float | None = None
+    intermediate: dict[str, float] = {}  # "stages[i] (name)" -> the metric after that stage
+
+    @property
+    def feasible(self) -> bool:
+        return self.state == "complete" and self.violation <= 0
+
+
+class SearchResult(BaseModel):
+    recipe: str
+    study: str
+    storage: str  # the URL, password hidden
+    folder: str
+    status: Literal["found", "infeasible", "no-trials"]
+    metric: str
+    objectives: list[str]
+    directions: list[Literal["maximize", "minimize"]]
+    gates: dict[str, float]  # the recipe's gates: the constraints
+    sampler: str
+    pruner: str
+    seed: int
+    budget: dict[str, Any]
+    trials: list[TrialRow]
+    front: list[int] = []  # trial numbers on the feasible Pareto front
+    best: int | None = None
+    closest: list[int] = []  # when nothing is feasible: the trials nearest to every gate
+    best_recipe: str | None = None
+    published: str | None = None
+    publish_error: str | None = None
+    elapsed_s: float = 0.0  # this invocation
+    started_at: str = ""
+    finished_at: str = ""
+
+    def trial(self, number: int) -> TrialRow:
+        return next(t for t in self.trials if t.number == number)
+
+    def count(self, state: str) -> int:
+        return sum(t.state == state for t in self.trials)
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+def objective_label(name: str, metric: str) -> str:
+    return metric if name == "metric" else UNITS.get(name, name)
+
+
+def value_text(name: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if name == "size":
+        return f"{value / 1e6:.1f}"
+    if name == "macs":
+        return f"{value / 1e9:.3g}"
+    return f"{value:.2f}"
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _gates_text(t: TrialRow) -> str:
+    if t.state != "complete":
+        return "–"
+    failed = [g for g in t.gates if not g["passed"]]
+    return "all met" if not failed else "; ".join(f"{g['gate']}: {g['message']}"
+                                                  for g in failed)
+
+
+def _keys(res: SearchResult) -> list[str]:
+    keys: list[str] = []
+    for t in res.trials:
+        keys += [k for k in t.params if k not in keys]
+    return keys
+
+
+def trial_table(res: SearchResult, numbers: list[int] | None = None
+                ) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one trial a row (also the Prefect table artifact of the front)."""
+    keys = _keys(res)
+    head = ["trial", "state", *[objective_label(o, res.metric) for o in res.objectives],
+            *keys, "gates", "built / reused", "s"]
+    rows = []
+    for t in (res.trial(n) for n in numbers) if numbers is not None else res.trials:
+        name = f"t{t.number:03d}" + (" ★" if t.number == res.best else "")
+        state = t.state + (f": {t.note}" if t.note else "")
+        rows.append([name, state, *[value_text(o, t.values.get(o)) for o in res.objectives],
+                     *[_param_text(t.params[k]) if k in t.params else "–" for k in keys],
+                     _gates_text(t), f"{t.built} / {t.reused}",
+                     "–" if t.seconds is None else f"{t.seconds:.0f}"])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    def cell(x: str) -> str:
+        return x.replace("|", "\\|").replace("\n", " ")
+
+    return ["| " + " | ".join(cell(h) for h in head) + " |", "|" + "---|" * len(head),
+            *["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]]
+
+
+def _headline(res: SearchResult, t: TrialRow) -> str:
+    parts = []
+    for o in res.objectives:
+        v = t.values.get(o)
+        if v is None:
+            continue
+        text = f"{objective_label(o, res.metric)} {value_text(o, v)}"
+        if o == "latency" and "speedup_b1" in t.deltas:
+            text += f" ({t.deltas['speedup_b1']:.2f}x faster)"
+        elif o == "size" and "size_ratio" in t.deltas:
+            text += f" ({t.deltas['size_ratio']:.2f}x smaller)"
+        elif o in ("metric", res.metric) and "metric_change" in t.deltas:
+            text += f" ({t.deltas['metric_change']:+.2f})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def summary_lines(res: SearchResult) -> list[str]:
+    """What happened, in the few lines a terminal shows at the end of a search."""
+    done = [t for t in res.trials if t.state in ("complete", "pruned", "failed")]
+    built, reused = sum(t.built for t in res.trials), sum(t.reused for t in res.trials)
+    out = [f"{len(done)} trials: {res.count('complete')} complete, {res.count('pruned')} "
+           f"pruned, {res.count('failed')} failed"
+           + (f", {res.count('lost')} lost (killed; retried)" if res.count("lost") else "")
+           + f"; stage outputs built {built}, reused {reused}"]
+    if res.best is not None:
+        best = res.trial(res.best)
+        out.append(f"best feasible trial: t{best.number:03d} ({_headline(res, best)})")
+        if res.best_recipe:
+            out.append(f"its recipe: {res.best_recipe}")
+        if res.published:
+            out.append(f"its model: {res.published}")
+        if res.publish_error:
+            out.append(f"not published: {res.publish_error}")
+    elif res.closest:
+        out.append("no trial met every gate; closest: " + "; ".join(
+            f"t{n:03d} ({_gates_text(res.trial(n))})" for n in res.closest))
+    return out
+
+
+def search_markdown(res: SearchResult) -> str:
+    goal = ", ".join(f"{d} {objective_label(o, res.metric)}"
+                     for o, d in zip(res.objectives, res.directions, strict=True))
+    gates = ", ".join(f"{k} {v:g}" for k, v in res.gates.items()) or "none (every trial counts)"
+    lines = [f"# Search: {res.recipe}", "",
+             f"Status: **{res.status}** · study `{res.study}` in `{res.storage}` · sampler "
+             f"{res.sampler} (seed {res.seed}) · pruner {res.pruner} · budget "
+             + ", ".join(f"{k} {v:g}" for k, v in res.budget.items() if v is not None)
+             + f" · this run {res.elapsed_s / 60:.1f} min", "",
+             f"Objectives: {goal}. Constraints (the recipe's gates): {gates}.", "",
+             *[f"- {x}" for x in summary_lines(res)], ""]
+    if res.front:
+        lines += ["## Pareto front (trials that meet every gate)", "",
+                  "Each of these is better than every other feasible trial on at least one "
+                  "objective; ★ is the best on the first objective.", "",
+                  *_md_table(*trial_table(res, res.front)), ""]
+    if res.closest:
+        lines += ["## Closest trials (no trial met every gate)", "",
+                  "Ranked by how far they are from the gates, relative to each threshold. "
+                  "Their recipes are in this folder (closest-1.yaml, ...).", "",
+                  *_md_table(*trial_table(res, res.closest)), ""]
+    lines += ["## All trials", "", *_md_table(*trial_table(res)), "",
+              "Trials share every stage whose lineage id matches (the same config on the same "
+              "input): built / reused counts stage outputs per trial. Each trial's run report "
+              "is in `trials/`.", "",
+              "Run the same `compress search` again to resume: the study is the record, "
+              "finished trials are kept, a killed trial is retried.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _plot(res: SearchResult) -> str:
+    """The task metric against the first cost objective (latency unless only size or MACs are
+    asked for): feasible trials filled, infeasible ones hollow, the feasible front as a
+    staircase, the best one starred."""
+    cost = next((o for o in res.objectives if o in UNITS), "latency")
+    metric_key = next((o for o in res.objectives if o not in UNITS), "metric")
+    pts = [(t.values[cost], t.values[metric_key], t) for t in res.trials
+           if t.state == "complete" and cost in t.values and metric_key in t.values]
+    if not pts:
+        return "<p>No complete trial: nothing to plot.</p>"
+    scale = {"size": 1e-6, "macs": 1e-9}.get(cost, 1.0)
+    xs, ys = [p[0] * scale for p in pts], [p[1] for p in pts]
+    x0, x1, xt = _axis(0.0, max(xs) * 1.05)
+    pad = (max(ys) - min(ys)) * 0.08
+    y0, y1, yt = _axis(min(ys) - pad, max(ys) + pad)
+    W, L, T, H = 640, 70, 30, 380
+    pw, ph = W - L - 30, H - T - 50
+    sx = lambda v: L + pw * (v - x0) / (x1 - x0)  # noqa: E731
+    sy = lambda v: T + ph * (1 - (v - y0) / (y1 - y0))  # noqa: E731
+    name = res.metric if metric_key == "metric" else metric_key
+    higher = METRICS[name].higher_is_better
+    xlabel = {"latency": "p50 batch-1 latency (ms)", "size": "weights on disk (MB)",
+              "macs": "GMACs per sequence"}[cost]
+    title = f"{name} vs {xlabel}: {'higher' if higher else 'lower'} {name} is better"
+    out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
+           f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
+    out += _x_grid(xt, sx, T, T + ph, T + ph + 16)
+    for t in yt:
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+                   f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
+                   f'text-anchor="end">{t:g}</text>')
+    out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">{_e(xlabel)}'
+               f'</text><text transform="translate(14 {T + ph / 2:.0f}) rotate(-90)" '
+               f'text-anchor="middle">{_e(name)}</text>')
+    feasible = [i for i, p in enumerate(pts) if p[2].feasible]
+    front = [feasible[k] for k in pareto_front([(xs[i], ys[i]) for i in feasible], higher)]
+    if front:
+        fx, fy = [sx(xs[i]) for i in front], [sy(ys[i]) for i in front]
+        d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
+            f" H{fx[k]:.1f} V{fy[k]:.1f}" for k in range(1, len(front)))
+        out.append(f'<path class="pareto" d="{d}" fill="none" stroke="#c62828" '
+                   f'stroke-dasharray="4 3"/>')
+    for i, (_, _, t) in enumerate(pts):
+        cx, cy = sx(xs[i]), sy(ys[i])
+        tip = (f"<title>t{t.number:03d}: {ys[i]:.2f} {_e(name)}, {xs[i]:.3g} "
+               f"{_e(xlabel)}{'' if t.feasible else ' (misses a gate)'}</title>")
+        fill = "#4a78b5" if t.feasible else "none"
+        out.append(f'<circle class="{"feasible" if t.feasible else "infeasible"}" '
+                   f'cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="{fill}" stroke="#4a78b5">'
+                   f"{tip}</circle>")
+        if t.number == res.best:
+            out.append(f'<circle class="best" cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" '
+                       f'stroke="#c62828" stroke-width="2"/>')
+        out.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}">t{t.number:03d}</text>')
+    out.append(f'<text x="{L + pw - 4}" y="{T + 12}" text-anchor="end">● meets every gate  '
+               f'○ misses one  ◎ best  - - feasible front</text>')
+    return "\n".join(out + ["</svg>"])
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>")
+
+
+def search_html(res: SearchResult) -> str:
+    """The search on one page: summary, the quality-vs-cost plot, the front and every trial."""
+    title = f"{res.recipe} — search {res.study}"
+    badge = "passed" if res.status == "found" else "failed"
+    parts = [f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}'
+             f"</title><style>{CSS}</style></head><body>",
+             f'<h1>{_e(title)} <span class="badge {badge}">{_e(res.status)}</span></h1>',
+             "<ul>" + "".join(f"<li>{_e(x)}</li>" for x in summary_lines(res)) + "</ul>",
+             "<h2>Quality vs cost</h2>", _plot(res)]
+    if res.front:
+        parts += ["<h2>Pareto front (meets every gate)</h2>",
+                  _html_table(*trial_table(res, res.front))]
+    if res.closest:
+        parts += ["<h2>Closest trials (no trial met every gate)</h2>",
+                  _html_table(*trial_table(res, res.closest))]
+    parts += ["<h2>All trials</h2>", _html_table(*trial_table(res)),
+              f"<p>Study <code>{_e(res.study)}</code> in <code>{_e(res.storage)}</code>; "
+              f"sampler {_e(res.sampler)} (seed {res.seed}), pruner {_e(res.pruner)}.</p>",
+              "</body></html>\n"]
+    return "\n".join(parts)
