@@ -85,6 +85,11 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
     """Check the recipe and what it points at, and print the plan. Runs nothing."""
     try:
         plan = _load(recipe, output_root)
+        searched = None
+        if plan.recipe.search is not None:  # the block checked against the recipe
+            from compress.search import Search
+
+            searched = _search_line(Search(plan.recipe, Path("reports")))
     except CompressError as e:
         raise _fail(e) from None
     out.print("[green]ok[/] " + escape(
@@ -93,8 +98,17 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
         f"{plan.recipe.metric}"), highlight=False, soft_wrap=True)
     for line in plan.lines():
         _plain("  " + line)
+    if searched:
+        _plain(searched)
     for w in plan_warnings(plan):
         _error("warning", w)
+
+
+def _search_line(s) -> str:  # noqa: ANN001 - a compress.search.Search
+    """What a search would explore, in one line."""
+    return (f"search {s.study_name}: {len(s.space.params)} fields "
+            f"({', '.join(p.name for p in s.space.params)}); objectives "
+            f"{', '.join(s.spec.objectives)}; study in {s.storage_label}")
 
 
 def plan_warnings(plan) -> list[str]:  # noqa: ANN001 - a compress.pipeline.Plan
@@ -288,24 +302,22 @@ def search(recipe: RecipeArg, output_root: OutputRoot = None,
 
     try:
         if workers is not None and workers < 1:
-            raise CompressError(f"--workers {workers}: at least 1")
+            raise RecipeError(f"--workers {workers}: at least 1")
         if local and workers not in (None, 1):
             raise RecipeError(f"--workers {workers}: --local runs one trial at a time; drop "
                               "--local (Dask workers), or start another `compress search "
                               "--local` on the same study")
         plan = _load(recipe, output_root)
-        rec = with_budget(plan.recipe, trials, minutes, storage)
-        s = Search(rec, reports_dir)  # the search block checked against the recipe
-        _plain(f"search {s.study_name}: {len(s.space.params)} fields, objectives "
-               f"{', '.join(s.spec.objectives)}, sampler {s.spec.sampler}; study in "
-               f"{s.storage_label}; report in {s.folder}")
+        s = Search(with_budget(plan.recipe, trials, minutes, storage), reports_dir)
+        _plain(_search_line(s))
+        _plain(f"results in {s.folder}")
         with stop_on_signals():
             if local:
                 res = run_local(s, say=_plain)
             else:
                 from flows.search import run_search
 
-                res = run_search(rec, reports_dir, workers=workers or 2)
+                res = run_search(s.recipe, reports_dir, workers=workers or 2)
     except (Interrupted, KeyboardInterrupt) as e:
         _error("error", f"{e or 'interrupted'}: the study keeps every finished trial; run the "
                         "same command to resume (the unfinished trial runs again)")

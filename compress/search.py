@@ -368,8 +368,8 @@ def storage_label(url: str) -> str:
         return url
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage; a bad URL or a missing driver is one line before any work."""
+def check_storage_url(url: str) -> None:
+    """What can be said of a storage URL without connecting (`compress validate` says it)."""
     label = storage_label(url)
     if url.startswith("postgresql+asyncpg"):
         raise RecipeError(f"search.storage: {label}: Optuna needs a synchronous driver; use "
@@ -377,12 +377,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if not url.startswith(("sqlite:///", "postgresql", "mysql")):
         raise RecipeError(f"search.storage: {label}: not a database URL (sqlite:///PATH or "
                           "postgresql://USER@HOST/DB)")
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage; a bad URL or a missing driver is one line before any work."""
+    check_storage_url(url)
+    label = storage_label(url)
     kwargs: dict[str, Any] = {}
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
     if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(url.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"connect_args": {"timeout": 120}}  # workers take turns on the file lock
+        # Creating the schema of a new file is not safe from two processes at once.
+        lock = exclusive(db.with_name(db.name + ".lock"), wait=True)
     try:
-        with _optuna_quiet():
+        with lock, _optuna_quiet():
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except ModuleNotFoundError as e:
         raise RecipeError(f"search.storage: {label}: the database driver is not installed "
@@ -496,6 +506,7 @@ class Search:
         self.trials_dir = self.folder / "trials"
         self.storage_url = self.spec.storage_url(
             str(self.reports_dir / recipe.name / "search.db"))
+        check_storage_url(self.storage_url)
         self.started = time.time() if started is None else started
         self.metric = recipe.metric
         self.directions = [self.direction(o) for o in self.spec.objectives]
