@@ -190,9 +190,13 @@ def _diagnosis(report: RunReport) -> str:
     dg: Diagnosis | None = report.diagnosis
     if dg is None:
         return ""
+    search = (f"<p>To explore the fix, add this block to the recipe and run <code>compress "
+              f"search RECIPE</code>:</p><pre>{_e(dg.search)}</pre>" if dg.search else "")
+    if dg.method in ("size", "speed"):
+        return f"<h2>Diagnosis: {_e(dg.gate)}</h2><p>{_e(dg.suggestion)}</p>{search}"
     head = f"<h2>Diagnosis: stages[{dg.stage_index}] ({_e(dg.stage)})</h2>"
     if dg.error:
-        return f'{head}<p class="err">No layer-by-layer diagnosis: {_e(dg.error)}</p>'
+        return f'{head}<p class="err">No layer-by-layer diagnosis: {_e(dg.error)}</p>{search}'
     cls = dg.baseline is not None
     cols = ["#", "layer group", "nodes"] + (["accuracy (Δ)"] if cls else []) + ["output KL"]
     rows = []
@@ -205,6 +209,6 @@ def _diagnosis(report: RunReport) -> str:
     return (f"{head}<p>Each layer group quantized alone, {dg.samples} eval examples, ranked by "
             f"{_e(dg.method)}.</p><table><tr>"
             + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(rows)
-            + f"</table><p>Suggestion: {_e(dg.suggestion)}</p>")
+            + f"</table><p>Suggestion: {_e(dg.suggestion)}</p>{search}")
 
 

@@ -73,6 +73,11 @@ class Diagnosis(BaseModel):
     suggestion: str = ""
     error: str | None = None
     seconds: float = 0.0
+    gate: str | None = None  # the failed gate this explains (a failed run's diagnosis)
+    compressed_bytes: int | None = None  # on disk: every group quantized (what the stage does)
+    recovered_bytes: int | None = None  # on disk: with `exclude` applied
+    conflicts: list[str] = []  # gates the suggested `exclude` would break (so not suggested)
+    search: str = ""  # a ready-to-paste `search:` block that explores the fix (YAML)
 
 
 class RunReport(BaseModel):
