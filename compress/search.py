@@ -239,6 +239,32 @@ class Space:
                 values[p.name] = p.suggest(trial)
         return values
 
+    def as_written(self) -> dict[str, Any]:
+        """The recipe's own values of the searched fields, those that lie in the space (as
+        Optuna parameters): the baseline trial."""
+        raw = self.recipe.model_dump(mode="json", exclude={"search"})
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if p.kind == "enabled":
+                if True in p.choices:
+                    out[p.name] = True
+                continue
+            node: Any = raw
+            for step in p.path:
+                node = node.get(step) if isinstance(node, dict) else \
+                    node[step] if isinstance(node, list) and isinstance(step, int) else None
+            if p.kind == "choice":
+                coded = [_coded(c) for c in p.choices]
+                if _coded(node) in coded:
+                    out[p.name] = _coded(node)
+            elif isinstance(node, int | float) and not isinstance(node, bool) and \
+                    p.low <= node <= p.high and (p.kind == "float" or float(node).is_integer()):
+                step = p.step or (1 if p.kind == "int" else None)
+                if step is None or abs((node - p.low) / step - round((node - p.low) / step)) \
+                        < 1e-9:
+                    out[p.name] = int(node) if p.kind == "int" else float(node)
+        return out
+
     def variant(self, values: dict[str, Any], name: str) -> tuple[Recipe, list[int]]:
         """The plain recipe for these values (no search block), named `name`; and, for each of
         its stages, that stage's index in the recipe as written."""
@@ -569,6 +595,11 @@ class Search:
                               "other objectives; name another study")
         with self._turn():
             self._recover()
+            if self.spec.baseline and not self._study.get_trials(deepcopy=False):
+                written = self.space.as_written()
+                if written:
+                    with _optuna_quiet():
+                        self._study.enqueue_trial(written, user_attrs={"baseline": True})
         return self._study
 
     @property
@@ -764,7 +795,8 @@ class Search:
                         violation=round(violation, 6), note=a.get("lost") or a.get("note", ""),
                         report=a.get("report", ""), model=a.get("model", ""),
                         built=a.get("built", 0), reused=a.get("reused", 0),
-                        seconds=a.get("seconds"), intermediate=a.get("intermediate", {}))
+                        seconds=a.get("seconds"), intermediate=a.get("intermediate", {}),
+                        baseline=bool(a.get("baseline")))
 
     def trial_line(self, row: TrialRow) -> str:
         params = ", ".join(f"{k.split('.')[-1] if k.count('.') else k}="

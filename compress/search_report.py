@@ -39,6 +39,7 @@ class TrialRow(BaseModel):
     reused: int = 0  # stage outputs it found already built (by an earlier trial or run)
     seconds: float | None = None
     intermediate: dict[str, float] = {}  # "stages[i] (name)" -> the metric after that stage
+    baseline: bool = False  # the recipe as written
 
     @property
     def feasible(self) -> bool:
@@ -123,7 +124,8 @@ def trial_table(res: SearchResult, numbers: list[int] | None = None
             *keys, "gates", "built / reused", "s"]
     rows = []
     for t in (res.trial(n) for n in numbers) if numbers is not None else res.trials:
-        name = f"t{t.number:03d}" + (" ★" if t.number == res.best else "")
+        name = f"t{t.number:03d}" + (" ★" if t.number == res.best else "") + \
+            (" (as written)" if t.baseline else "")
         state = t.state + (f": {t.note}" if t.note else "")
         rows.append([name, state, *[value_text(o, t.values.get(o)) for o in res.objectives],
                      *[_param_text(t.params[k]) if k in t.params else "–" for k in keys],
@@ -168,6 +170,11 @@ def summary_lines(res: SearchResult) -> list[str]:
     if res.best is not None:
         best = res.trial(res.best)
         out.append(f"best feasible trial: t{best.number:03d} ({_headline(res, best)})")
+        written = next((t for t in res.trials if t.baseline and t.values), None)
+        if written is not None and written.number != best.number:
+            out.append(f"the recipe as written: t{written.number:03d} "
+                       f"({_headline(res, written)}"
+                       + ("" if written.feasible else "; misses a gate") + ")")
         if res.best_recipe:
             out.append(f"its recipe: {res.best_recipe}")
         if res.published:

@@ -86,6 +86,9 @@ class SearchSpec(Strict):
         "costly trials on numeric spaces; random: a baseline.")
     startup_trials: int = Field(
         4, ge=1, description="Random trials before the sampler models the results.")
+    baseline: bool = Field(
+        True, description="Trial 0 is the recipe as written (its values that lie in the "
+        "space): the search starts from what is known to work and reports against it.")
     pruner: Literal["gates", "median", "none"] = Field(
         "gates", description="gates: stop a trial once a metric gate fails after its last "
         "training stage (no later stage wins it back); median: also stop trials whose metric "
