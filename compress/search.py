@@ -18,6 +18,7 @@ Why these choices:
   a gate after its last training stage cannot recover and stops there (optionally, Optuna's
   median pruner also stops trials below the median at a stage). Optuna's pruners are single-
   objective, so they read a companion study `<study>.pruning` that holds those values.
+- Start from what works: trial 0 is the recipe as written (where its values lie in the space).
 - Results a user can act on: the feasible Pareto front (report.md, report.html, trials.json),
   the best feasible trial as a plain recipe and its model published to `latest/`, and when no
   trial meets the gates, the closest ones named and kept.
@@ -63,10 +64,9 @@ from compress.report import RunReport, StageCard, check_gates, deltas, p50, read
 from compress.search_report import (
     SearchResult,
     TrialRow,
-    objective_label,
     search_html,
     search_markdown,
-    value_text,
+    trial_line,
 )
 from compress.search_spec import COSTS, ENABLED, Range, SearchSpec
 from compress.sweep import assign, path_text, resolve
@@ -107,8 +107,9 @@ class Param:
         if self.kind in ("choice", "enabled"):
             coded = [_coded(c) for c in self.choices]
             picked = trial.suggest_categorical(self.name, coded)
-            return self.choices[next(i for i, c in enumerate(coded)
-                                     if c == picked and type(c) is type(picked))]
+            same = [i for i, c in enumerate(coded) if c == picked]  # 1 == True: type first
+            return self.choices[next((i for i in same if type(coded[i]) is type(picked)),
+                                     same[0])]
         if self.kind == "int":
             return trial.suggest_int(self.name, int(self.low), int(self.high),
                                      step=int(self.step or 1), log=self.log)
@@ -255,8 +256,8 @@ class Space:
                     node[step] if isinstance(node, list) and isinstance(step, int) else None
             if p.kind == "choice":
                 coded = [_coded(c) for c in p.choices]
-                if _coded(node) in coded:
-                    out[p.name] = _coded(node)
+                if _coded(node) in coded:  # as the choice is written (2, not 2.0)
+                    out[p.name] = coded[coded.index(_coded(node))]
             elif isinstance(node, int | float) and not isinstance(node, bool) and \
                     p.low <= node <= p.high and (p.kind == "float" or float(node).is_integer()):
                 step = p.step or (1 if p.kind == "int" else None)
@@ -720,7 +721,7 @@ class Search:
             self._tell(trial, watch, TrialState.FAIL)
         row = self.row(self.study._storage.get_trial(trial._trial_id))
         if say is not None:
-            say(self.trial_line(row))
+            say(trial_line(row, self.spec.objectives, self.metric))
         return row
 
     def _record(self, trial: optuna.Trial, watch: _Watch, seconds: float,
@@ -797,22 +798,6 @@ class Search:
                         built=a.get("built", 0), reused=a.get("reused", 0),
                         seconds=a.get("seconds"), intermediate=a.get("intermediate", {}),
                         baseline=bool(a.get("baseline")))
-
-    def trial_line(self, row: TrialRow) -> str:
-        params = ", ".join(f"{k.split('.')[-1] if k.count('.') else k}="
-                           f"{v if not isinstance(v, float) else f'{v:.3g}'}"
-                           for k, v in row.params.items())
-        out = f"t{row.number:03d} {params} → {row.state}"
-        if row.values:
-            out += ": " + ", ".join(f"{objective_label(o, self.metric)} "
-                                    f"{value_text(o, row.values.get(o))}"
-                                    for o in self.spec.objectives)
-            out += " · gates met" if row.feasible else " · misses a gate"
-        if row.note:
-            out += f": {row.note}"
-        if row.built or row.reused:
-            out += f" · stages built {row.built}, reused {row.reused}"
-        return out + (f" · {row.seconds:.0f} s" if row.seconds is not None else "")
 
     def results(self) -> SearchResult:
         trials = sorted(self.study.get_trials(deepcopy=False), key=lambda t: t.number)

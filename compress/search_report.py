@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-# One way to draw axes, grids and a Pareto staircase (the run page's), not a second copy.
-from compress.html_report import CSS, _axis, _e, _x_grid, pareto_front
+# The run page's plot frame and Pareto staircase, not a second copy.
+from compress.html_report import CSS, _e, front_path, pareto_front, plot_frame
 from compress.metrics import METRICS
 
 TrialState = Literal["complete", "pruned", "failed", "lost", "running", "waiting"]
@@ -159,6 +159,21 @@ def _headline(res: SearchResult, t: TrialRow) -> str:
     return ", ".join(parts)
 
 
+def trial_line(row: TrialRow, objectives: list[str], metric: str) -> str:
+    """A finished trial in one line, for the terminal and the flow's log."""
+    params = ", ".join(f"{k.split('.')[-1]}={_param_text(v)}" for k, v in row.params.items())
+    out = f"t{row.number:03d} {params} → {row.state}"
+    if row.values:
+        out += ": " + ", ".join(f"{objective_label(o, metric)} {value_text(o, row.values.get(o))}"
+                                for o in objectives)
+        out += " · gates met" if row.feasible else " · misses a gate"
+    if row.note:
+        out += f": {row.note}"
+    if row.built or row.reused:
+        out += f" · stages built {row.built}, reused {row.reused}"
+    return out + (f" · {row.seconds:.0f} s" if row.seconds is not None else "")
+
+
 def summary_lines(res: SearchResult) -> list[str]:
     """What happened, in the few lines a terminal shows at the end of a search."""
     done = [t for t in res.trials if t.state in ("complete", "pruned", "failed")]
@@ -232,36 +247,16 @@ def _plot(res: SearchResult) -> str:
         return "<p>No complete trial: nothing to plot.</p>"
     scale = {"size": 1e-6, "macs": 1e-9}.get(cost, 1.0)
     xs, ys = [p[0] * scale for p in pts], [p[1] for p in pts]
-    x0, x1, xt = _axis(0.0, max(xs) * 1.05)
-    pad = (max(ys) - min(ys)) * 0.08
-    y0, y1, yt = _axis(min(ys) - pad, max(ys) + pad)
-    W, L, T, H = 640, 70, 30, 380
-    pw, ph = W - L - 30, H - T - 50
-    sx = lambda v: L + pw * (v - x0) / (x1 - x0)  # noqa: E731
-    sy = lambda v: T + ph * (1 - (v - y0) / (y1 - y0))  # noqa: E731
     name = res.metric if metric_key == "metric" else metric_key
     higher = METRICS[name].higher_is_better
     xlabel = {"latency": "p50 batch-1 latency (ms)", "size": "weights on disk (MB)",
               "macs": "GMACs per sequence"}[cost]
-    title = f"{name} vs {xlabel}: {'higher' if higher else 'lower'} {name} is better"
-    out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
-           f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
-    out += _x_grid(xt, sx, T, T + ph, T + ph + 16)
-    for t in yt:
-        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
-                   f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
-                   f'text-anchor="end">{t:g}</text>')
-    out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">{_e(xlabel)}'
-               f'</text><text transform="translate(14 {T + ph / 2:.0f}) rotate(-90)" '
-               f'text-anchor="middle">{_e(name)}</text>')
+    out, sx, sy, legend = plot_frame(
+        xs, ys, f"{name} vs {xlabel}: {'higher' if higher else 'lower'} {name} is better",
+        xlabel, name)
     feasible = [i for i, p in enumerate(pts) if p[2].feasible]
     front = [feasible[k] for k in pareto_front([(xs[i], ys[i]) for i in feasible], higher)]
-    if front:
-        fx, fy = [sx(xs[i]) for i in front], [sy(ys[i]) for i in front]
-        d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
-            f" H{fx[k]:.1f} V{fy[k]:.1f}" for k in range(1, len(front)))
-        out.append(f'<path class="pareto" d="{d}" fill="none" stroke="#c62828" '
-                   f'stroke-dasharray="4 3"/>')
+    out.append(front_path([(xs[i], ys[i]) for i in front], sx, sy))
     for i, (_, _, t) in enumerate(pts):
         cx, cy = sx(xs[i]), sy(ys[i])
         tip = (f"<title>t{t.number:03d}: {ys[i]:.2f} {_e(name)}, {xs[i]:.3g} "
@@ -274,7 +269,7 @@ def _plot(res: SearchResult) -> str:
             out.append(f'<circle class="best" cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" '
                        f'stroke="#c62828" stroke-width="2"/>')
         out.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}">t{t.number:03d}</text>')
-    out.append(f'<text x="{L + pw - 4}" y="{T + 12}" text-anchor="end">● meets every gate  '
+    out.append(f'<text x="{legend[0]}" y="{legend[1]}" text-anchor="end">● meets every gate  '
                f'○ misses one  ◎ best  - - feasible front</text>')
     return "\n".join(out + ["</svg>"])
 

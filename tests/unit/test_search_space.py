@@ -175,3 +175,19 @@ def test_sampler_is_deterministic_for_a_seed_and_a_resume_changes_nothing(sample
     assert seq == [t.params for t in again.trials]
     assert seq == [t.params for t in study(f"sqlite:///{tmp_path}/halves.db").trials]
     assert len({json.dumps(p, sort_keys=True) for p in seq}) == 10  # no trial repeated
+
+
+def test_the_recipe_as_written_is_the_baseline_trial():
+    raw = recipe({"stages[distill].epochs": [1, 2], "stages[prune].ffn": {"low": 0.1,
+                                                                          "high": 0.4},
+                  "stages[prune].drop_layers": [[], [1]], "stages[quantize].enabled": [False,
+                                                                                     True]})
+    space = Space.of(parse_recipe(raw))
+    written = space.as_written()  # ffn 0.5 is outside its range: sampled instead
+    assert written == {"stages[distill].epochs": 1, "stages[prune].drop_layers": "[]",
+                       "stages[quantize].enabled": True}
+    study = optuna.create_study()
+    study.enqueue_trial(written)
+    values = space.suggest(study.ask())
+    assert values["stages[distill].epochs"] == 1 and type(values["stages[distill].epochs"]) is int
+    assert values["stages[prune].drop_layers"] == [] and 0.1 <= values["stages[prune].ffn"] <= 0.4
