@@ -510,6 +510,10 @@ def search_id(recipe: Recipe) -> str:
                                                    exclude={"budget", "storage", "study"}))[:8]
 
 
+def _span(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -645,13 +649,13 @@ class Search:
         minutes = self.spec.budget.minutes
         if minutes is not None:
             left = self.started + minutes * 60 - time.time()
-            took = [t.duration.total_seconds() for t in trials
-                    if t.state == TrialState.COMPLETE and t.duration is not None]
+            took = [t.user_attrs.get("own_seconds", t.duration.total_seconds())
+                    for t in trials if t.state == TrialState.COMPLETE and t.duration is not None]
             need = statistics.median(took) if took else 0.0
             if left <= 0 or need > left:
                 self.stop_reason = (f"time: {minutes:g} min budget" if left <= 0 else
-                                    f"time: a trial takes about {need / 60:.1f} min and "
-                                    f"{max(left, 0) / 60:.1f} min of the budget are left")
+                                    f"time: a trial takes about {_span(need)} and "
+                                    f"{_span(left)} of the budget are left")
                 return False
         if any(t.state == TrialState.WAITING for t in trials):
             return True
@@ -730,9 +734,14 @@ class Search:
         attrs: dict[str, Any] = {"seconds": round(seconds, 1), "note": note}
         if report is not None and watch.plan is not None:
             cards = cards_of(watch.plan, report)
+            ref = report.reference
+            teacher = ref.seconds if ref is not None and watch.plan.reference_index is not None \
+                and not ref.reused else 0.0
             attrs |= {"report": str(pipeline.report_folder(self.trials_dir, report)),
                       "built": sum(not c.reused for c in cards),
-                      "reused": sum(c.reused for c in cards)}
+                      "reused": sum(c.reused for c in cards),
+                      # what a trial costs once the shared reference (the teacher) exists
+                      "own_seconds": round(max(seconds - teacher, 0.0), 1)}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
 

@@ -301,3 +301,18 @@ def test_killed_search_resumes_from_its_study(write_recipe, tmp_path):
         [t.number for t in lost]
     values = [p["stages[prune].ffn"] for p in complete.values()]
     assert len(set(values)) == 4  # no trial repeated
+
+
+def test_minutes_budget_starts_no_trial_that_would_end_late(write_recipe, tmp_path):
+    s = make_search(write_recipe, tmp_path, SPACE, budget={"minutes": 1.0})
+    s.open()
+    fake = Fake(tmp_path)
+    assert s.run_trial(run_stage=fake.run_stage,
+                       evaluate_reference=fake.evaluate_reference) is not None
+    own = s.study.trials[0].user_attrs["own_seconds"]
+    assert 0 < own < 60 and s.more()
+    s.started = time.time() - 60 + own / 2  # less time left than a trial takes
+    assert not s.more() and s.stop_reason.startswith("time: a trial takes about ")
+    late = make_search(write_recipe, tmp_path, SPACE, budget={"minutes": 1.0})
+    late.started -= 61
+    assert not late.more() and late.stop_reason == "time: 1 min budget"
