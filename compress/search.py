@@ -646,6 +646,14 @@ class Search:
         """Whether to start another trial: trials left in the budget (a queued retry counts
         as already budgeted), and time for one more like the ones so far."""
         trials = self.study.get_trials(deepcopy=False)
+        retry = any(t.state == TrialState.WAITING for t in trials)
+        if self.spec.budget.trials is not None and not retry:
+            used = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                        TrialState.RUNNING)
+                       or (t.state == TrialState.FAIL and "lost" not in t.user_attrs))
+            if used >= self.spec.budget.trials:
+                self.stop_reason = f"trials: {self.spec.budget.trials} in the study"
+                return False
         minutes = self.spec.budget.minutes
         if minutes is not None:
             left = self.started + minutes * 60 - time.time()
@@ -656,15 +664,6 @@ class Search:
                 self.stop_reason = (f"time: {minutes:g} min budget" if left <= 0 else
                                     f"time: a trial takes about {_span(need)} and "
                                     f"{_span(left)} of the budget are left")
-                return False
-        if any(t.state == TrialState.WAITING for t in trials):
-            return True
-        if self.spec.budget.trials is not None:
-            used = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                        TrialState.RUNNING)
-                       or (t.state == TrialState.FAIL and "lost" not in t.user_attrs))
-            if used >= self.spec.budget.trials:
-                self.stop_reason = f"trials: {self.spec.budget.trials} in the study"
                 return False
         return True
 
