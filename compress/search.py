@@ -619,11 +619,11 @@ class Search:
 
     def _recover(self) -> None:
         assert self._study is not None
+        # Called under the turn lock, which a trial's starter holds until its owner is
+        # recorded: a running trial without an owner lost its process in between.
         for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = t.user_attrs.get("owner")
-            young = t.datetime_start is not None and \
-                (datetime.now() - t.datetime_start).total_seconds() < 120
-            if (owner is None and young) or (owner is not None and owner_alive(owner)):
+            if owner is not None and owner_alive(owner):
                 continue
             self._lose(t._trial_id, t.params, t.number, t.user_attrs.get("pruning_trial"),
                        "its process ended before the trial finished (killed or crashed)")

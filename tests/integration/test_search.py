@@ -262,7 +262,7 @@ def test_killed_search_resumes_from_its_study(write_recipe, tmp_path):
     """SIGKILL a `compress search --local` after its first trials: the study keeps them, the
     next run retries the trial that was running and adds the rest, repeating none."""
     path = write_recipe([{"kind": "prune", "ffn": 0.5}, {"kind": "export"}], search={
-        "space": {"stages[prune].ffn": {"low": 0.1, "high": 0.8}}, "budget": {"trials": 4}})
+        "space": {"stages[prune].ffn": {"low": 0.1, "high": 0.8}}, "budget": {"trials": 3}})
     reports = tmp_path / "reports"
     args = ["search", str(path), "--local", "--reports-dir", str(reports)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
@@ -281,7 +281,7 @@ def test_killed_search_resumes_from_its_study(write_recipe, tmp_path):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if (reports / "tiny" / "search.db").exists() and \
-                    sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials()) >= 2:
+                    sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials()) >= 1:
                 break
             time.sleep(0.3)
     finally:
@@ -289,18 +289,18 @@ def test_killed_search_resumes_from_its_study(write_recipe, tmp_path):
         proc.wait()
     before = {t.number: t.params for t in trials()
               if t.state == optuna.trial.TrialState.COMPLETE}
-    assert len(before) >= 2
+    assert len(before) >= 1
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     after = trials()
     complete = {t.number: t.params for t in after if t.state == optuna.trial.TrialState.COMPLETE}
-    assert len(complete) == 4 and {n: complete[n] for n in before} == before
+    assert len(complete) == 3 and {n: complete[n] for n in before} == before
     lost = [t for t in after if "lost" in t.user_attrs]
     assert all(t.state == optuna.trial.TrialState.FAIL for t in lost)
     assert [t.user_attrs["retry_of"] for t in after if "retry_of" in t.user_attrs] == \
         [t.number for t in lost]
     values = [p["stages[prune].ffn"] for p in complete.values()]
-    assert len(set(values)) == 4  # no trial repeated
+    assert len(set(values)) == 3  # no trial repeated
 
 
 def test_minutes_budget_starts_no_trial_that_would_end_late(write_recipe, tmp_path):
