@@ -400,7 +400,7 @@ def check_storage_url(url: str) -> None:
     label = storage_label(url)
     if url.startswith("postgresql+asyncpg"):
         raise RecipeError(f"search.storage: {label}: Optuna needs a synchronous driver; use "
-                          "postgresql:// (psycopg2) or postgresql+psycopg://")
+                          "postgresql:// (psycopg) or postgresql+psycopg2://")
     if not url.startswith(("sqlite:///", "postgresql", "mysql")):
         raise RecipeError(f"search.storage: {label}: not a database URL (sqlite:///PATH or "
                           "postgresql://USER@HOST/DB)")
@@ -421,9 +421,11 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         with lock, _optuna_quiet():
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except ModuleNotFoundError as e:
-        raise RecipeError(f"search.storage: {label}: the database driver is not installed "
-                          f"({e.name}); for PostgreSQL: pip install psycopg2-binary") from None
+    except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
+        missing = getattr(e.__cause__ or e.__context__ or e, "name", None) or first_line(e)
+        raise RecipeError(f"search.storage: {label}: its database driver is not installed "
+                          f"({missing}); for PostgreSQL: pip install 'psycopg[binary]' "
+                          "(postgresql://) or psycopg2-binary (postgresql+psycopg2://)") from None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: one line, nothing ran
         raise RecipeError(f"search.storage: cannot open {label}: {first_line(e)}") from None
 
