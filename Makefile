@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo demo-lm demo-search test test-fast lint benchmark benchmark-orchestration screenshots clean
+.PHONY: install demo demo-lm test test-fast lint benchmark benchmark-orchestration screenshots clean
 
 install: $(STAMP)
 
@@ -33,6 +33,7 @@ demo: $(STAMP) assets/movie-snippets.csv
 
 # The goal-driven search on the demo task: about 40 minutes on 2 CPU cores, one trial at a time
 # (two at once would share the cores and disturb each other's timings). Trial 0 is the demo.
+.PHONY: demo-search
 demo-search: $(STAMP) assets/movie-snippets.csv
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress search recipes/search-sentiment.yaml --local
 

@@ -399,8 +399,8 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
     with recipe_lock(Path(reports_root), plan.recipe.name):
         return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
                         evaluate_reference=evaluate_reference, on_card=on_card,
-                        on_gate_failure=on_gate_failure, progress=progress,
-                        keep_going=keep_going, publish=publish)
+                        on_gate_failure=on_gate_failure, progress=progress, publish=publish,
+                        keep_going=keep_going)
 
 
 def mark_interrupted_runs(recipe_dir: Path) -> list[str]:

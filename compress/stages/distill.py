@@ -85,6 +85,15 @@ class DistillConfig(TrainingConfig):
                              "(reverse KL and JSD need the teacher's full distribution)")
         return self
 
+    def search_hints(self, goal: str) -> dict[str, Any]:
+        """Longer training and the soft-target settings recover what pruning cost (and let a
+        size or speed search prune more)."""
+        out: dict[str, Any] = {"epochs": {"low": self.epochs, "high": self.epochs * 2}}
+        if goal == "metric":
+            out["temperature"] = {"low": 1.0, "high": 8.0, "log": True}
+            out["alpha"] = {"low": 0.2, "high": 0.9}
+        return out
+
     def check(self, recipe: Any, index: int) -> None:
         where = self.where(index)
         lm = recipe.model.task == "causal-lm"
@@ -94,15 +103,6 @@ class DistillConfig(TrainingConfig):
         if self.augment and not lm:
             raise ValueError(f"{where}.augment: teacher-generated text needs model.task "
                              "causal-lm")
-
-    def search_hints(self, goal: str) -> dict[str, Any]:
-        """Longer training and the soft-target settings recover what pruning cost (and let a
-        size or speed search prune more)."""
-        out: dict[str, Any] = {"epochs": {"low": self.epochs, "high": self.epochs * 2}}
-        if goal == "metric":
-            out["temperature"] = {"low": 1.0, "high": 8.0, "log": True}
-            out["alpha"] = {"low": 0.2, "high": 0.9}
-        return out
 
     def resolve_paths(self, resolve: Any) -> DistillConfig:
         return self.model_copy(update={"teachers": [

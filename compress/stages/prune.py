@@ -55,17 +55,6 @@ class PruneConfig(StageConfig):
             raise ValueError("prunes nothing: set heads, ffn, drop_layers or depth")
         return self
 
-    def uses_data(self) -> bool:
-        """taylor/activation importance and depth scoring read calibration data. (Every prune
-        stage's id has always included the data: kept, so existing outputs keep their ids.)"""
-        return True
-
-    def check_model(self, model_config: dict[str, Any]) -> None:
-        mt = model_config.get("model_type", "?")
-        if mt not in SUPPORTED:
-            raise ValueError(f"architecture {mt!r} is not supported "
-                             f"(supported: {', '.join(SUPPORTED)})")
-
     def search_hints(self, goal: str) -> dict[str, Any]:
         """Less pruning wins the metric back; more makes the model smaller and faster."""
         if goal == "metric":
@@ -82,6 +71,17 @@ class PruneConfig(StageConfig):
             out["heads"] = {"low": self.heads, "high": round(min(self.heads + 0.25, 0.75), 2)}
         out["depth"] = [self.depth, self.depth + 1]
         return out
+
+    def uses_data(self) -> bool:
+        """taylor/activation importance and depth scoring read calibration data. (Every prune
+        stage's id has always included the data: kept, so existing outputs keep their ids.)"""
+        return True
+
+    def check_model(self, model_config: dict[str, Any]) -> None:
+        mt = model_config.get("model_type", "?")
+        if mt not in SUPPORTED:
+            raise ValueError(f"architecture {mt!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED)})")
 
     def notes(self, info: dict[str, Any]) -> list[str]:
         b, a = info["before"], info["after"]
