@@ -305,6 +305,15 @@ CASES = [
     Case("third-texts-empty", "a third of the texts empty (warned, run goes on)",
          texts(["a good film", "a dull film", None] * 30),
          "data: 30 of 90 train rows dropped (empty text: 30)", exit=0),
+    Case("positive-label-unknown", "an F1 positive class the data does not have",
+         lambda d, t: d["evaluation"].update(metric="f1", positive_label="maybe"),
+         "evaluation.positive_label: 'maybe' is not a class of the data (classes: 0-1)"),
+    Case("lm-accuracy", "accuracy as the metric of a causal LM",
+         lambda d, t: (lm(kind="distill")(d, t), d["evaluation"].update(metric="accuracy")),
+         "evaluation.metric: accuracy needs task sequence-classification"),
+    Case("unwritable-output", "an output root that cannot be written",
+         lambda d, t: d.update(output_root="/proc/compress-outputs"),
+         "output_root: cannot write to /proc/compress-outputs"),
     Case("search-unknown-field", "a search path naming a field the stage does not have",
          search({"stages[prune].hedas": [0.5]}),
          "search.space.stages[prune].hedas: stages[0] has no field 'hedas'; did you mean "
@@ -362,15 +371,6 @@ CASES = [
     Case("search-local-workers", "`--workers 2` with `--local`", search(),
          "--workers 2: --local runs one trial at a time", command="search",
          args=("--workers", "2")),
-    Case("positive-label-unknown", "an F1 positive class the data does not have",
-         lambda d, t: d["evaluation"].update(metric="f1", positive_label="maybe"),
-         "evaluation.positive_label: 'maybe' is not a class of the data (classes: 0-1)"),
-    Case("lm-accuracy", "accuracy as the metric of a causal LM",
-         lambda d, t: (lm(kind="distill")(d, t), d["evaluation"].update(metric="accuracy")),
-         "evaluation.metric: accuracy needs task sequence-classification"),
-    Case("unwritable-output", "an output root that cannot be written",
-         lambda d, t: d.update(output_root="/proc/compress-outputs"),
-         "output_root: cannot write to /proc/compress-outputs"),
 ]
 
 
