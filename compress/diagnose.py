@@ -108,7 +108,7 @@ def on_gate_failure(plan: Plan, report: RunReport) -> Diagnosis | None:
     """
     try:
         failed = [g for g in report.gates if not g.passed]
-        quality = [g for g in failed if g.gate in Gates.QUALITY]
+        quality = [g for g in failed if g.gate in Gates.quality_names()]
         if not quality:
             return _cost(plan, report, failed)
         dg = _on_gate_failure(plan, report)

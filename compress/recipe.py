@@ -15,8 +15,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from compress import search_spec
 from compress.errors import RecipeError
-from compress.search_spec import SearchSpec
 from compress.spec import DataSpec, DiagnoseSpec, EvaluationSpec, Gates, ModelSpec, Strict
 from compress.stage import StageConfig
 from compress.stages import registry
@@ -35,7 +35,8 @@ class Recipe(Strict):
     diagnose: DiagnoseSpec = DiagnoseSpec()
     stages: list[AnyStage] = Field(min_length=1)
     output_root: str = Field("outputs", description="Where stage outputs live, named by hash.")
-    search: SearchSpec | None = Field(None, description="Read by `compress search` only.")
+    search: search_spec.SearchSpec | None = Field(None, description="Read by `compress search` "
+                                                  "only.")
 
     @property
     def metric(self) -> str:

@@ -57,7 +57,7 @@ from compress.atomic import atomic_write_json, atomic_write_text, owner_alive, o
 from compress.errors import CompressError, RecipeError, first_line
 from compress.interrupt import Interrupted
 from compress.locks import exclusive
-from compress.metrics import METRICS
+from compress.metrics import CLASSIFICATION, METRICS
 from compress.pipeline import Plan, execute, make_plan, publish_latest, recipe_lock
 from compress.recipe import Recipe, parse_recipe
 from compress.report import RunReport, StageCard, check_gates, deltas, p50, read_report
@@ -558,11 +558,13 @@ class Search:
         return "maximize" if METRICS[name].higher_is_better else "minimize"
 
     def _check_objectives(self) -> None:
+        """A named metric must be one the task's cards carry (classifiers: accuracy and F1;
+        causal LMs: the others)."""
         lm = self.recipe.model.task == "causal-lm"
         for o in self.spec.objectives:
             if o in COSTS or o == "metric":
                 continue
-            if lm != (o == "perplexity"):
+            if lm == (o in CLASSIFICATION):
                 raise RecipeError(f"search.objectives: {o} is not measured for "
                                   f"{self.recipe.model.task} (its metric: {self.metric})")
 
