@@ -29,7 +29,7 @@ class TrialRow(BaseModel):
     state: TrialState
     params: dict[str, Any] = {}
     values: dict[str, float] = {}  # objective -> latency ms, size bytes, MACs or the metric
-    deltas: dict[str, float] = {}  # against the reference: metric_change, size_ratio, ...
+    deltas: dict[str, float | None] = {}  # vs the reference: metric_change, size_ratio, ...
     gates: list[dict[str, Any]] = []  # {gate, passed, message}
     violation: float = 0.0  # sum of the gates' relative shortfalls; 0 = every gate met
     note: str = ""  # why it was pruned, the error it failed with, or that it was lost
@@ -149,12 +149,12 @@ def _headline(res: SearchResult, t: TrialRow) -> str:
         if v is None:
             continue
         text = f"{objective_label(o, res.metric)} {value_text(o, v)}"
-        if o == "latency" and "speedup_b1" in t.deltas:
-            text += f" ({t.deltas['speedup_b1']:.2f}x faster)"
-        elif o == "size" and "size_ratio" in t.deltas:
-            text += f" ({t.deltas['size_ratio']:.2f}x smaller)"
-        elif o in ("metric", res.metric) and "metric_change" in t.deltas:
-            text += f" ({t.deltas['metric_change']:+.2f})"
+        change = {"latency": ("speedup_b1", " ({:.2f}x faster)"),
+                  "size": ("size_ratio", " ({:.2f}x smaller)"),
+                  "metric": ("metric_change", " ({:+.2f})"),
+                  res.metric: ("metric_change", " ({:+.2f})")}.get(o)
+        if change is not None and t.deltas.get(change[0]) is not None:  # None: not like for like
+            text += change[1].format(t.deltas[change[0]])
         parts.append(text)
     return ", ".join(parts)
 
