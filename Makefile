@@ -32,6 +32,12 @@ assets/movie-snippets.csv: $(STAMP)
 demo: $(STAMP) assets/movie-snippets.csv
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-sentiment.yaml
 
+# The goal-driven search on the demo task: about 40 minutes on 2 CPU cores, one trial at a time
+# (two at once would share the cores and disturb each other's timings). Trial 0 is the demo.
+.PHONY: demo-search
+demo-search: $(STAMP) assets/movie-snippets.csv
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress search recipes/search-sentiment.yaml --local
+
 # SmolLM2 from its GGUF file (about 40 s, once) and hamlet.txt: the causal-LM demo's assets.
 assets/smollm2/config.json: $(STAMP)
 	$(BIN)/python -m compress.assets assets --lm

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.markup import escape
 
-from compress.errors import CompressError
+from compress.errors import CompressError, RecipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress a trained Hugging Face model into an edge-ready one.")
@@ -85,6 +85,11 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
     """Check the recipe and what it points at, and print the plan. Runs nothing."""
     try:
         plan = _load(recipe, output_root)
+        searched = None
+        if plan.recipe.search is not None:  # the block checked against the recipe
+            from compress.search import Search
+
+            searched = _search_line(Search(plan.recipe, Path("reports")))
     except CompressError as e:
         raise _fail(e) from None
     out.print("[green]ok[/] " + escape(
@@ -93,8 +98,17 @@ def validate(recipe: RecipeArg, output_root: OutputRoot = None) -> None:
         f"{plan.recipe.metric}"), highlight=False, soft_wrap=True)
     for line in plan.lines():
         _plain("  " + line)
+    if searched:
+        _plain(searched)
     for w in plan_warnings(plan):
         _error("warning", w)
+
+
+def _search_line(s) -> str:  # noqa: ANN001 - a compress.search.Search
+    """What a search would explore, in one line."""
+    return (f"search {s.study_name}: {len(s.space.params)} fields "
+            f"({', '.join(p.name for p in s.space.params)}); objectives "
+            f"{', '.join(s.spec.objectives)}; study in {s.storage_label}")
 
 
 def plan_warnings(plan) -> list[str]:  # noqa: ANN001 - a compress.pipeline.Plan
@@ -258,6 +272,72 @@ def sweep(recipe: RecipeArg,
     codes = [r["exit_code"] for r in rows if r["exit_code"] != 3 or not keep_going]
     if max(codes, default=0):
         raise typer.Exit(max(codes))
+
+
+@app.command()
+def search(recipe: RecipeArg, output_root: OutputRoot = None,
+           reports_dir: ReportsDir = Path("reports"),
+           trials: Annotated[int | None, typer.Option(
+               help="Trials in the study, finished ones included (overrides budget.trials).")
+           ] = None,
+           minutes: Annotated[float | None, typer.Option(
+               help="Minutes for this run: no trial starts that would end later "
+                    "(overrides budget.minutes).")] = None,
+           local: Annotated[bool, typer.Option(help="One trial after another, without "
+                                               "Prefect.")] = False,
+           workers: Annotated[int | None, typer.Option(
+               help="Trials at once, one per Dask worker (default 2; not with --local).")
+           ] = None,
+           storage: Annotated[str | None, typer.Option(
+               help="Optuna storage URL (sqlite:///f.db, postgresql://...): overrides "
+                    "search.storage.")] = None,
+           ) -> None:
+    """Search the recipe's `search:` space for the best models that pass its gates: the Pareto
+    front in reports/<recipe>/search-<id>/, the best one as a plain recipe and in latest/.
+    Exit 0: found one; 3: no trial met every gate (the closest are named); 1: every trial
+    failed. Run it again to resume: the study keeps every finished trial."""
+    from compress.interrupt import Interrupted, stop_on_signals
+    from compress.search import Search, run_local, with_budget
+    from compress.search_report import summary_lines
+
+    try:
+        if workers is not None and workers < 1:
+            raise RecipeError(f"--workers {workers}: at least 1")
+        if local and workers not in (None, 1):
+            raise RecipeError(f"--workers {workers}: --local runs one trial at a time; drop "
+                              "--local (Dask workers), or start another `compress search "
+                              "--local` on the same study")
+        plan = _load(recipe, output_root)
+        s = Search(with_budget(plan.recipe, trials, minutes, storage), reports_dir)
+        _plain(_search_line(s))
+        _plain(f"results in {s.folder}")
+        with stop_on_signals():
+            if local:
+                res = run_local(s, say=_plain)
+            else:
+                from flows.search import run_search
+
+                res = run_search(s.recipe, reports_dir, workers=workers or 2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        _error("error", f"{e or 'interrupted'}: the study keeps every finished trial; run the "
+                        "same command to resume (the unfinished trial runs again)")
+        raise typer.Exit(128 + getattr(e, "signum", 2)) from None
+    except CompressError as e:
+        raise _fail(e) from None
+    for line in summary_lines(res):
+        _plain(line)
+    _plain(f"report: {Path(res.folder) / 'report.md'}")
+    if res.publish_error:
+        _error("error", f"the best trial was not published: {res.publish_error}")
+        raise typer.Exit(1)
+    if res.status == "infeasible":
+        _error("error", "no trial met every gate; the closest are named above and kept "
+                        f"(closest-1.yaml in {res.folder})")
+        raise typer.Exit(3)
+    if res.status == "no-trials":
+        first = next((t.note for t in res.trials if t.state == "failed"), "no trial ran")
+        _error("error", f"every trial failed; the first: {first}")
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from compress.artifact import ModelRef, read_ref
 from compress.errors import CompressError, first_line
 from compress.measure import default_threads
 from compress.metrics import METRICS, Metrics
 from compress.pipeline import Plan, PlannedStage, evaluate_cached, plan_data
-from compress.report import Diagnosis, RunReport
+from compress.report import Diagnosis, GateResult, RunReport, StageCard, p50
+from compress.search_spec import SearchSpec
+from compress.spec import Gates
 from compress.stages import registry
 
 
@@ -94,9 +99,20 @@ def diagnose(plan: Plan, stage_index: int | None = None, *, top: int | None = No
 
 def on_gate_failure(plan: Plan, report: RunReport) -> Diagnosis | None:
     """The diagnosis for a failed run, as report data; never raises, so a diagnosis problem
-    cannot hide the gate failure. None when no stage lost any of the metric."""
+    cannot hide the gate failure. None when no stage lost any of the metric.
+
+    It explains the gate that failed in that gate's terms: a size or speed gate by size or
+    latency per stage (never in metric terms); a metric gate by the layers that cost the most,
+    whose `exclude` is suggested only if it keeps every other gate (layers kept in float make
+    the model bigger). Either way it ends with a `search:` block that explores the fix.
+    """
     try:
-        return _on_gate_failure(plan, report)
+        failed = [g for g in report.gates if not g.passed]
+        quality = [g for g in failed if g.gate in Gates.quality_names()]
+        if not quality:
+            return _cost(plan, report, failed)
+        dg = _on_gate_failure(plan, report)
+        return None if dg is None else _agree(plan, report, dg, quality[0])
     except Exception as e:  # noqa: BLE001 - picking the stage failed: say so, keep the gate
         return Diagnosis(stage="?", stage_index=-1, kind="?", method="", metric="",
                          error=f"{type(e).__name__}: {e}"[:400])
@@ -124,3 +140,104 @@ def _on_gate_failure(plan: Plan, report: RunReport) -> Diagnosis | None:
         msg = str(e) if isinstance(e, CompressError) else f"{type(e).__name__}: {e}"
         return Diagnosis(stage=best.name, stage_index=best.index, kind=best.kind, method="",
                          metric="", error=first_line(ValueError(msg), 400))
+
+
+def _agree(plan: Plan, report: RunReport, dg: Diagnosis, gate: GateResult) -> Diagnosis:
+    """The metric diagnosis checked against every other gate, with its search block."""
+    dg = dg.model_copy(update={"gate": gate.gate})
+    extra: dict[str, Any] = {}
+    final, ref = report.final, report.reference
+    if dg.error is None and dg.exclude and final is not None and ref is not None:
+        ps = plan.stages[dg.stage_index]
+        have = list(getattr(ps.config, "exclude", []) or [])
+        extra[f"{selector(plan, ps)}.exclude"] = [have, have + dg.exclude]
+        gates = plan.recipe.gates
+        if gates.min_size_reduction is not None and dg.compressed_bytes and dg.recovered_bytes:
+            size = final.metrics.size_bytes * dg.recovered_bytes / dg.compressed_bytes
+            ratio = ref.metrics.size_bytes / size
+            if ratio < gates.min_size_reduction:
+                dg.conflicts.append(f"min_size_reduction: about {size / 1e6:.1f} MB with it, "
+                                    f"{ratio:.2f}x smaller (required "
+                                    f"{gates.min_size_reduction:.2f}x)")
+        if dg.conflicts:
+            patterns = "[" + ", ".join(f"'{p}'" for p in dg.exclude) + "]"
+            recovered = f" ({dg.metric} {dg.recovered:.2f} instead of {dg.compressed:.2f})" \
+                if dg.recovered is not None and dg.compressed is not None else ""
+            dg.suggestion = (f"stages[{dg.stage_index}] ({dg.stage}): keeping {patterns} in "
+                             f"float wins the metric back{recovered} but breaks "
+                             f"{'; '.join(dg.conflicts)}: not a fix on its own. The search "
+                             "block below weighs it against the recipe's other fields (a "
+                             "model that removes more can pay for float layers).")
+        elif gates.min_speedup is not None or gates.max_p50_ms is not None:
+            dg.suggestion += " (layers kept in float also run slower: the speed gates were " \
+                "not checked here)"
+    dg.search = search_block(plan, "metric", extra)
+    return dg
+
+
+def _cost(plan: Plan, report: RunReport, failed: list[GateResult]) -> Diagnosis | None:
+    """A size or speed gate failed (the metric gates passed): where the bytes or milliseconds
+    are, stage by stage, and the levers; nothing about the metric, which is not the problem."""
+    final, ref = report.final, report.reference
+    if not failed or final is None or ref is None:
+        return None
+    g = failed[0]
+    size = g.gate == "min_size_reduction"
+    cards = [c for c in report.stages if c.index != plan.reference_index]
+
+    def amount(c: StageCard) -> str:
+        if size:
+            return f"{c.metrics.size_bytes / 1e6:.1f} MB"
+        return f"{p50(c, 1):.2f} ms ({c.metrics.runtime})"
+
+    if size:
+        need = f"{ref.metrics.size_bytes / g.threshold / 1e6:.1f} MB or less passes " \
+               f"(the reference is {ref.metrics.size_bytes / 1e6:.1f} MB)"
+    elif g.gate == "max_p50_ms":
+        need = f"{g.threshold:g} ms or less passes"
+    else:
+        lfl = report.like_for_like(final) or ref
+        need = f"{p50(lfl, 1) / g.threshold:.2f} ms or less passes (the reference runs " \
+               f"{p50(lfl, 1):.2f} ms in {lfl.metrics.runtime})"
+    by_stage = ", ".join(f"{c.name} {amount(c)}" for c in cards)
+    block = search_block(plan, "size" if size else "speed")
+    levers = ("what to change is how much the stages remove (the fields in the search block "
+              "below), not how they train" if block else "no stage of this recipe has a field "
+              "that removes more to search; a stage that removes layers, heads or FFN channels "
+              "before export would")
+    text = (f"{g.gate}: {g.message}. The final model is {amount(final)}; {need}. By stage: "
+            f"{by_stage}. The metric gates pass: {levers}.")
+    return Diagnosis(stage=final.name, stage_index=final.index if final.index is not None else -1,
+                     kind=final.kind, method="size" if size else "speed", metric="",
+                     gate=g.gate, suggestion=text, search=block)
+
+
+def selector(plan: Plan, ps: PlannedStage) -> str:
+    """How a search block names a stage: its name, else its kind when no other stage has it,
+    else its index (so the block reads `stages[prune].ffn` wherever it can)."""
+    if ps.config.name:
+        return f"stages[{ps.config.name}]"
+    kinds = [p.kind for p in plan.stages]
+    return f"stages[{ps.kind}]" if kinds.count(ps.kind) == 1 else f"stages[{ps.index}]"
+
+
+def search_block(plan: Plan, goal: str, extra: dict[str, Any] | None = None) -> str:
+    """A `search:` block (YAML, ready to paste into the recipe) over the stages' own hints for
+    `goal` ("metric", "size", "speed"), with the recipe's gates as its constraints."""
+    space: dict[str, Any] = {}
+    for ps in plan.stages:
+        if ps.index == plan.reference_index:
+            continue
+        for name, values in ps.config.search_hints(goal).items():
+            space[f"{selector(plan, ps)}.{name}"] = values
+    space.update(extra or {})
+    if not space:
+        return ""
+    first = {"metric": "latency", "size": "size", "speed": "latency"}[goal]
+    spec = SearchSpec(objectives=[first, "metric"] if goal != "metric" else ["metric", first],
+                      space=space, budget={"trials": 12})
+    block = spec.model_dump(mode="json", include={"objectives", "space", "budget"},
+                            exclude_none=True)
+    block["space"] = {k: ({a: b for a, b in v.items() if b not in (None, False)}
+                          if isinstance(v, dict) else v) for k, v in block["space"].items()}
+    return yaml.safe_dump({"search": block}, sort_keys=False, default_flow_style=None)

@@ -85,6 +85,49 @@ def _hbar(title: str, unit: str, labels: list[str], values: list[float]) -> str:
     return "\n".join(out + ["</svg>"])
 
 
+Scale = Callable[[float], float]
+
+
+def plot_frame(xs: list[float], ys: list[float], title: str, xlabel: str, ylabel: str
+               ) -> tuple[list[str], Scale, Scale, tuple[float, float]]:
+    """The start of a quality-vs-cost scatter plot (a run's page, a search's page): the SVG
+    element, title, grid with nice ticks (x from 0) and axis labels. Returns its lines, the x
+    and y scales, and where a legend goes (top right)."""
+    x0, x1, xt = _axis(0.0, max(xs) * 1.05)
+    pad = (max(ys) - min(ys)) * 0.08
+    y0, y1, yt = _axis(min(ys) - pad, max(ys) + pad)
+    L, T, H = 70, 30, 380
+    pw, ph = W - L - 30, H - T - 50
+
+    def sx(v: float) -> float:
+        return L + pw * (v - x0) / (x1 - x0)
+
+    def sy(v: float) -> float:
+        return T + ph * (1 - (v - y0) / (y1 - y0))
+
+    out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
+           f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
+    out += _x_grid(xt, sx, T, T + ph, T + ph + 16)
+    for t in yt:
+        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
+                   f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
+                   f'text-anchor="end">{t:g}</text>')
+    out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">{_e(xlabel)}'
+               f'</text><text transform="translate(14 {T + ph / 2:.0f}) rotate(-90)" '
+               f'text-anchor="middle">{_e(ylabel)}</text>')
+    return out, sx, sy, (L + pw - 4, T + 12)
+
+
+def front_path(front: list[tuple[float, float]], sx: Scale, sy: Scale) -> str:
+    """The Pareto front (points by increasing x) as a dashed staircase; "" when empty."""
+    if not front:
+        return ""
+    fx, fy = [sx(x) for x, _ in front], [sy(y) for _, y in front]
+    d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
+        f" H{fx[k]:.1f} V{fy[k]:.1f}" for k in range(1, len(front)))
+    return f'<path class="pareto" d="{d}" fill="none" stroke="#c62828" stroke-dasharray="4 3"/>'
+
+
 def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
     """Metric vs batch-1 latency for this run's cards and earlier nights' finals, Pareto front
     drawn as a staircase: shows at a glance whether tonight moved the trade-off or fell off it."""
@@ -98,33 +141,12 @@ def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
             pts.append((x, f.metrics.value, r.run_id, False))
     if not pts:
         return "<p>No latency measured: nothing to plot.</p>"
-    x0, x1, xt = _axis(0.0, max(p[0] for p in pts) * 1.05)
-    ys = [p[1] for p in pts]
-    pad = (max(ys) - min(ys)) * 0.08
-    y0, y1, yt = _axis(min(ys) - pad, max(ys) + pad)
-    L, T, H = 70, 30, 380
-    pw, ph = W - L - 30, H - T - 50
-    sx = lambda v: L + pw * (v - x0) / (x1 - x0)  # noqa: E731
-    sy = lambda v: T + ph * (1 - (v - y0) / (y1 - y0))  # noqa: E731
     better = "higher" if METRICS[metric].higher_is_better else "lower"
-    title = f"{metric} vs p50 batch-1 latency ({better} {metric} is better)"
-    out = [f'<svg width="{W}" height="{H}" role="img" aria-label="{_e(title)}">',
-           f'<text x="{L}" y="16" font-weight="bold">{_e(title)}</text>']
-    out += _x_grid(xt, sx, T, T + ph, T + ph + 16)
-    for t in yt:
-        out.append(f'<line x1="{L}" x2="{L + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" '
-                   f'stroke="#e5e5e5"/><text x="{L - 6}" y="{sy(t) + 4:.1f}" '
-                   f'text-anchor="end">{t:g}</text>')
-    out.append(f'<text x="{L + pw / 2:.0f}" y="{H - 6}" text-anchor="middle">'
-               f'p50 batch-1 latency (ms)</text><text transform="translate(14 {T + ph / 2:.0f}) '
-               f'rotate(-90)" text-anchor="middle">{_e(metric)}</text>')
+    out, sx, sy, legend = plot_frame([p[0] for p in pts], [p[1] for p in pts],
+                                     f"{metric} vs p50 batch-1 latency ({better} {metric} is "
+                                     "better)", "p50 batch-1 latency (ms)", metric)
     front = pareto_front([(p[0], p[1]) for p in pts], METRICS[metric].higher_is_better)
-    if front:
-        fx, fy = [sx(pts[i][0]) for i in front], [sy(pts[i][1]) for i in front]
-        d = f"M{fx[0]:.1f},{fy[0]:.1f}" + "".join(
-            f" H{fx[k]:.1f} V{fy[k]:.1f}" for k in range(1, len(front)))
-        out.append(f'<path class="pareto" d="{d}" fill="none" stroke="#c62828" '
-                   f'stroke-dasharray="4 3"/>')
+    out.append(front_path([(pts[i][0], pts[i][1]) for i in front], sx, sy))
     for i, (x, y, label, mine) in enumerate(pts):
         cx, cy = sx(x), sy(y)
         tip = f"<title>{_e(label)}: {y:.2f} {_e(metric)}, {x:.2f} ms</title>"
@@ -135,7 +157,7 @@ def _scatter(report: RunReport, history: Sequence[RunReport]) -> str:
             out.append(f'<circle class="front" cx="{cx:.1f}" cy="{cy:.1f}" r="9" fill="none" '
                        f'stroke="#c62828"/>')
         out.append(f'<text x="{cx + 8:.1f}" y="{cy - 8:.1f}">{_e(label)}</text>')
-    out.append(f'<text x="{L + pw - 4}" y="{T + 12}" text-anchor="end">● this run  '
+    out.append(f'<text x="{legend[0]}" y="{legend[1]}" text-anchor="end">● this run  '
                f'■ earlier runs (final)  ○ Pareto front</text>')
     return "\n".join(out + ["</svg>"])
 
@@ -190,9 +212,13 @@ def _diagnosis(report: RunReport) -> str:
     dg: Diagnosis | None = report.diagnosis
     if dg is None:
         return ""
+    search = (f"<p>To explore the fix, add this block to the recipe and run <code>compress "
+              f"search RECIPE</code>:</p><pre>{_e(dg.search)}</pre>" if dg.search else "")
+    if dg.method in ("size", "speed"):
+        return f"<h2>Diagnosis: {_e(dg.gate)}</h2><p>{_e(dg.suggestion)}</p>{search}"
     head = f"<h2>Diagnosis: stages[{dg.stage_index}] ({_e(dg.stage)})</h2>"
     if dg.error:
-        return f'{head}<p class="err">No layer-by-layer diagnosis: {_e(dg.error)}</p>'
+        return f'{head}<p class="err">No layer-by-layer diagnosis: {_e(dg.error)}</p>{search}'
     cls = dg.baseline is not None
     cols = ["#", "layer group", "nodes"] + (["accuracy (Δ)"] if cls else []) + ["output KL"]
     rows = []
@@ -205,6 +231,6 @@ def _diagnosis(report: RunReport) -> str:
     return (f"{head}<p>Each layer group quantized alone, {dg.samples} eval examples, ranked by "
             f"{_e(dg.method)}.</p><table><tr>"
             + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>" + "".join(rows)
-            + f"</table><p>Suggestion: {_e(dg.suggestion)}</p>")
+            + f"</table><p>Suggestion: {_e(dg.suggestion)}</p>{search}")
 
 

@@ -393,19 +393,21 @@ def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
             evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
             on_card: Callable[[RunReport, StageCard | None], None] | None = None,
             on_gate_failure: GateHook | None = None,
-            progress: Progress | None = None, keep_going: bool = False) -> RunReport:
+            progress: Progress | None = None, keep_going: bool = False,
+            publish: bool = True) -> RunReport:
     """Run every stage in order, writing the report after each; check gates at the end.
 
     The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
     report (status failed, the error) before it propagates, an interruption as status
     interrupted; earlier outputs stay where they are. When a gate fails and the recipe asks for
     it, `on_gate_failure` adds a diagnosis. `on_card(report, card)` sees every card, and once
-    more with card None when the report is final (status, gates).
+    more with card None when the report is final (status, gates). `publish=False` leaves
+    `latest/` alone (a search's trials: only the best one is published, by the search).
     """
     with recipe_lock(Path(reports_root), plan.recipe.name):
         return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
                         evaluate_reference=evaluate_reference, on_card=on_card,
-                        on_gate_failure=on_gate_failure, progress=progress,
+                        on_gate_failure=on_gate_failure, progress=progress, publish=publish,
                         keep_going=keep_going)
 
 
@@ -445,7 +447,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
              run_stage: Callable[..., StageCard], evaluate_reference: Callable[[Plan], StageCard],
              on_card: Callable[[RunReport, StageCard | None], None] | None,
              on_gate_failure: GateHook | None, progress: Progress | None,
-             keep_going: bool) -> RunReport:
+             keep_going: bool, publish: bool) -> RunReport:
     threads = plan.recipe.evaluation.latency.threads or default_threads()
     earlier = mark_interrupted_runs(reports_root / plan.recipe.name)
     root = Path(plan.recipe.output_root)
@@ -501,7 +503,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
         report.error = "gate failed: " + "; ".join(f"{g.gate}: {g.message}" for g in failed)
         if plan.recipe.diagnose.on_gate_failure and on_gate_failure is not None:
             report.diagnosis = on_gate_failure(plan, report)  # hooks never raise
-    else:
+    elif publish:
         try:
             publish_latest(report, reports_root, plan.recipe)
         except PublishError as e:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from compress import search_spec
 from compress.errors import RecipeError
 from compress.spec import DataSpec, DiagnoseSpec, EvaluationSpec, Gates, ModelSpec, Strict
 from compress.stage import StageConfig
@@ -34,6 +35,8 @@ class Recipe(Strict):
     diagnose: DiagnoseSpec = DiagnoseSpec()
     stages: list[AnyStage] = Field(min_length=1)
     output_root: str = Field("outputs", description="Where stage outputs live, named by hash.")
+    search: search_spec.SearchSpec | None = Field(None, description="Read by `compress search` "
+                                                  "only.")
 
     @property
     def metric(self) -> str:
@@ -96,7 +99,9 @@ def _model_at(loc: tuple[Any, ...], raw: Any) -> type[BaseModel] | None:
             return None
         ann = model.model_fields[part].annotation
         node = node.get(part) if isinstance(node, dict) else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        options = [ann, *typing.get_args(ann)]  # `X | None` names the model X
+        model = next((a for a in options if isinstance(a, type) and issubclass(a, BaseModel)),
+                     None)
     return model
 
 

@@ -142,11 +142,23 @@ def render_markdown(report: RunReport) -> str:
     return "\n".join(lines)
 
 
+def search_lines(dg: Diagnosis) -> list[str]:
+    """The `search:` block that explores the fix, ready to paste."""
+    if not dg.search:
+        return []
+    return ["To explore the fix, add this block to the recipe and run `compress search "
+            "RECIPE` (the gates are its constraints):", "", "```yaml",
+            *dg.search.rstrip().splitlines(), "```", ""]
+
+
 def diagnosis_lines(dg: Diagnosis) -> list[str]:
-    """The card's diagnosis section: a ranked table (top N) and the suggestion."""
+    """The card's diagnosis section: a ranked table (top N) and the suggestion; for a size or
+    speed gate, where the bytes or milliseconds are. Then the search block, if any."""
+    if dg.method in ("size", "speed"):
+        return [f"## Diagnosis: {dg.gate}", "", dg.suggestion, "", *search_lines(dg)]
     lines = [f"## Diagnosis: stages[{dg.stage_index}] ({dg.stage})", ""]
     if dg.error:
-        return [*lines, f"No layer-by-layer diagnosis: {dg.error}", ""]
+        return [*lines, f"No layer-by-layer diagnosis: {dg.error}", "", *search_lines(dg)]
     cls = dg.baseline is not None
     lines.append(f"Each layer group quantized alone (dynamic INT8), {dg.samples} eval examples, "
                  f"ranked by {dg.method}" + (" then output error" if dg.method == "accuracy"
@@ -163,7 +175,7 @@ def diagnosis_lines(dg: Diagnosis) -> list[str]:
             cells.append(f"{r.metric:.2f} ({r.delta:+.2f})")
         cells.append(f"{r.output_error:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, "", f"Suggestion: {dg.suggestion}", ""]
+    return [*lines, "", f"Suggestion: {dg.suggestion}", "", *search_lines(dg)]
 
 
 def _cell(x: str) -> str:

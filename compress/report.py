@@ -74,6 +74,11 @@ class Diagnosis(BaseModel):
     suggestion: str = ""
     error: str | None = None
     seconds: float = 0.0
+    gate: str | None = None  # the failed gate this explains (a failed run's diagnosis)
+    compressed_bytes: int | None = None  # on disk: every group quantized (what the stage does)
+    recovered_bytes: int | None = None  # on disk: with `exclude` applied
+    conflicts: list[str] = []  # gates the suggested `exclude` would break (so not suggested)
+    search: str = ""  # a ready-to-paste `search:` block that explores the fix (YAML)
 
 
 class RunReport(BaseModel):
@@ -187,6 +192,12 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
     if gates.max_metric_drop is not None and METRICS[final.metrics.metric].change == "points":
         out.append(_points_gate("max_metric_drop", final.metrics.metric, ref.metrics,
                                 final.metrics, gates.max_metric_drop))
+    if gates.max_p50_ms is not None:
+        ms = round(p50(final, 1), 3)
+        out.append(GateResult(gate="max_p50_ms", passed=ms <= gates.max_p50_ms, value=ms,
+                              threshold=gates.max_p50_ms,
+                              message=f"p50 {ms:.2f} ms at batch 1 on this machine "
+                                      f"(allowed {gates.max_p50_ms:g} ms)"))
     if gates.max_perplexity_increase is not None and final.metrics.metric == "perplexity":
         rise = METRICS["perplexity"].loss(ref.metrics.value, final.metrics.value)
         out.append(GateResult(gate="max_perplexity_increase",

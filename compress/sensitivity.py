@@ -120,11 +120,14 @@ def diagnose_dynamic_int8(onnx_path: Path, kwargs: dict[str, Any], exclude: list
     ev = _Evaluator(data, tokenizer, max_samples, batch_size, threads)
     big = onnx_path.stat().st_size > 1_800_000_000
 
+    sizes: list[int] = []  # bytes on disk of each probe, in order
+
     def probe(nodes: list[str], tmp: Path) -> np.ndarray:
         out = tmp / "probe.onnx"
         with quiet(root=True):
             quantize_dynamic(str(onnx_path), str(out), nodes_to_quantize=nodes,
                              use_external_data_format=big, **kwargs)
+        sizes.append(sum(f.stat().st_size for f in tmp.iterdir()))
         try:
             return ev.logits(out)
         finally:
@@ -138,6 +141,7 @@ def diagnose_dynamic_int8(onnx_path: Path, kwargs: dict[str, Any], exclude: list
     with tempfile.TemporaryDirectory(prefix="diagnose-") as d:
         tmp = Path(d)
         all_logits = probe(everything, tmp)
+        all_bytes = sizes[-1]
         for name, nodes in groups.items():
             lg = probe(nodes, tmp)
             m = ev.metric(lg)
@@ -150,12 +154,14 @@ def diagnose_dynamic_int8(onnx_path: Path, kwargs: dict[str, Any], exclude: list
         keep = [n for g in worst for n in groups[g]]
         recovered_logits = probe([n for n in everything if n not in set(keep)], tmp) \
             if len(worst) < len(groups) else base_logits
+        recovered_bytes = sizes[-1] if len(worst) < len(groups) else onnx_path.stat().st_size
     dg = Diagnosis(
         stage=stage, stage_index=index, kind=kind,
         method="accuracy" if by_metric else "output error (KL vs fp32 logits)",
         metric="accuracy" if ev.classify else "output error", samples=ev.samples,
         baseline=baseline, compressed=ev.metric(all_logits), rows=rows, top=top,
-        exclude=[f"{g}/*" for g in worst], recovered=ev.metric(recovered_logits))
+        exclude=[f"{g}/*" for g in worst], recovered=ev.metric(recovered_logits),
+        compressed_bytes=all_bytes, recovered_bytes=recovered_bytes)
     dg.suggestion = _suggest(dg, output_error(base_logits, all_logits),
                              output_error(base_logits, recovered_logits))
     dg.seconds = round(time.perf_counter() - t0, 2)

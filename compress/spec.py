@@ -79,9 +79,22 @@ class EvaluationSpec(Strict):
 class Gates(Strict):
     """Checked on the final model against the reference (the original, or the fine-tuned one)."""
 
+    @staticmethod
+    def quality_names() -> tuple[str, ...]:
+        """The gates on the task metric. Stages after the last training stage (export, INT8)
+        do not win the metric back, so a search stops a trial that already fails one; and a
+        failure of the other gates (size, speed) is not explained in metric terms."""
+        return ("max_accuracy_drop", "max_metric_drop", "max_perplexity_increase")
+
+    def quality(self) -> Gates:
+        """Only the gates on the task metric."""
+        return Gates(**{k: getattr(self, k) for k in self.quality_names()})
+
     max_accuracy_drop: float | None = Field(None, ge=0, description="In accuracy points (0-100).")
     max_metric_drop: float | None = Field(
         None, ge=0, description="The recipe's metric, in points (accuracy, macro_f1, f1).")
+    max_p50_ms: float | None = Field(
+        None, gt=0, description="The final model's p50 latency at batch 1 on this machine, ms.")
     max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, 0.1 = +10%.")
     min_size_reduction: float | None = Field(None, gt=0, description="Reference bytes / final.")
     min_speedup: float | None = Field(None, gt=0, description="Reference p50 / final p50, batch 1.")

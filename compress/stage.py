@@ -15,7 +15,8 @@ about it, as class facts and methods:
 - `uses_data()` (is the data's fingerprint part of the id, as a function of the config),
   `check(recipe, index)` (its rules against the rest of the recipe), `check_model(config)`
   (whether it can handle the model's architecture, before any work), `notes(info)` (its lines
-  on the report card), and `apply(ref, ctx, out)` (the work: model reference in, files out).
+  on the report card), `search_hints(goal)` (its fields worth searching when a gate fails), and
+  `apply(ref, ctx, out)` (the work: model reference in, files out).
 
 Defining such a class registers it (Olive's passes and torchao's config-bound handlers work the
 same way); compress.recipe builds the recipe's discriminated union from the registry, so adding
@@ -135,6 +136,12 @@ class StageConfig(Strict):
         """Read the model at `ref`, write the new model into `out`; return facts for the card
         (`onnx_file` names the ONNX file for ONNX outputs; `warnings` go on the card)."""
         raise NotImplementedError
+
+    def search_hints(self, goal: str) -> dict[str, Any]:
+        """This stage's fields worth searching to move `goal` ("metric", "size" or "speed"):
+        field -> choices (a list) or a range ({"low": .., "high": ..}) around this config.
+        A failed gate's diagnosis turns them into a ready-to-paste `search:` block."""
+        return {}
 
     def can_diagnose(self) -> bool:
         """Whether `diagnose` can probe this configuration layer by layer."""

@@ -126,6 +126,17 @@ def _unwrap(result: StageCard | State) -> StageCard:
     return result
 
 
+def run_stage(plan: pipeline.Plan, index: int, input_ref: ModelRef,
+              progress: Any = None) -> StageCard:
+    """pipeline.run_stage as a task run: what `pipeline.execute` takes as its run_stage (the
+    recipe flow's, and each trial's of a search)."""
+    return _unwrap(stage_task(plan, index, input_ref))
+
+
+def evaluate_reference(plan: pipeline.Plan) -> StageCard:
+    return _unwrap(reference_task(plan))
+
+
 def publish(report: RunReport, card: StageCard | None) -> None:
     """The running report card as a table and a Markdown artifact, keyed per recipe, and each
     stage's one-line result in the run's log. card None: the report is final."""
@@ -181,14 +192,6 @@ def compress_recipe(recipe: Recipe, reports_dir: str = "reports", keep_going: bo
         return Failed(message=str(e))
     run_tags = ["compress", recipe.name]
     _tag_this_run(run_tags)
-
-    def run_stage(plan: pipeline.Plan, index: int, input_ref: ModelRef,
-                  progress: Any = None) -> StageCard:
-        return _unwrap(stage_task(plan, index, input_ref))
-
-    def evaluate_reference(plan: pipeline.Plan) -> StageCard:
-        return _unwrap(reference_task(plan))
-
     # Prefect answers SIGTERM with its own handler inside a flow run (the run would end as
     # failed): ours records the run as interrupted, and the CLI exits 128 + signal.
     stop = stop_on_signals() if threading.current_thread() is threading.main_thread() \

@@ -240,6 +240,15 @@ class DistillConfig(TrainingConfig):
                 "projected": bool(len(proj)), "divergence": self.divergence,
                 "teacher_dtype": self.teacher_dtype, "augmentation": augmented}
 
+    def search_hints(self, goal: str) -> dict[str, Any]:
+        """Longer training and the soft-target settings recover what pruning cost (and let a
+        size or speed search prune more)."""
+        out: dict[str, Any] = {"epochs": {"low": self.epochs, "high": self.epochs * 2}}
+        if goal == "metric":
+            out["temperature"] = {"low": 1.0, "high": 8.0, "log": True}
+            out["alpha"] = {"low": 0.2, "high": 0.9}
+        return out
+
     def _teacher_kwargs(self) -> dict[str, Any]:
         """Load options for the teacher's weights: half precision, or bitsandbytes 8-bit."""
         import torch

@@ -57,6 +57,23 @@ class PruneConfig(StageConfig):
             raise ValueError("prunes nothing: set heads, ffn, drop_layers or depth")
         return self
 
+    def search_hints(self, goal: str) -> dict[str, Any]:
+        """Less pruning wins the metric back; more makes the model smaller and faster."""
+        if goal == "metric":
+            out: dict[str, Any] = {}
+            if self.ffn >= 0.1:
+                out["ffn"] = {"low": round(max(self.ffn - 0.25, 0.0), 2), "high": self.ffn}
+            if self.drop_layers:
+                out["drop_layers"] = [self.drop_layers, self.drop_layers[:-1]]
+            elif self.depth:
+                out["depth"] = [self.depth - 1, self.depth]
+            return out
+        out = {"ffn": {"low": self.ffn, "high": round(min(self.ffn + 0.25, 0.85), 2)}}
+        if self.heads:
+            out["heads"] = {"low": self.heads, "high": round(min(self.heads + 0.25, 0.75), 2)}
+        out["depth"] = [self.depth, self.depth + 1]
+        return out
+
     def uses_data(self) -> bool:
         """taylor/activation importance and depth scoring read calibration data. (Every prune
         stage's id has always included the data: kept, so existing outputs keep their ids.)"""

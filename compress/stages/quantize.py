@@ -104,6 +104,15 @@ class QuantizeConfig(StageConfig):
     def apply(self, ref: ModelRef, ctx: StageContext, out: Path) -> dict[str, Any]:
         return _apply(ref, self, ctx, out)
 
+    def search_hints(self, goal: str) -> dict[str, Any]:
+        """Per-channel scales cost little size and often win the metric back; layers kept in
+        float (exclude) cost size and speed."""
+        if goal == "metric" and self.method != "int4":
+            return {"per_channel": [self.per_channel, not self.per_channel]}
+        if goal != "metric" and self.exclude:
+            return {"exclude": [self.exclude, []]}
+        return {}
+
     def can_diagnose(self) -> bool:
         return self.method == "dynamic"
 

@@ -76,3 +76,18 @@ def flow_runs(url: str, flow_name: str, limit: int = 20) -> list[dict]:
     """The newest runs of a flow, by its name."""
     return api(f"{url}/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}},
                                           "limit": limit, "sort": "START_TIME_DESC"})
+
+
+def child_runs(parent_flow: str, child_flow: str) -> tuple[Any, list[Any]]:
+    """The newest run of `parent_flow` and the runs of `child_flow` its tasks started (a
+    sweep's variants, a search's trials), read through the Prefect client."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[parent_flow])))[0]
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[child_flow])))
+        tasks = {t.id for t in client.read_task_runs() if t.flow_run_id == parent.id}
+    return parent, [r for r in runs if r.parent_task_run_id in tasks]

@@ -32,6 +32,7 @@ class Case:
     message: str
     exit: int = 2
     command: str = "validate"
+    args: tuple[str, ...] = ()  # more command-line arguments
 
 
 def stage(**kw):
@@ -145,6 +146,19 @@ def labels_json(values: list) -> Callable[[dict, Path], None]:
                                for i, v in enumerate(values)) + "\n")
         d["data"]["path"] = str(p)
     return edit
+
+
+def search(space: dict | None = None, **block) -> Callable[[dict, Path], None]:
+    """A search block on the default recipe (prune, export, quantize)."""
+    def edit(d: dict, _t: Path) -> None:
+        d["search"] = {"space": {"stages[prune].ffn": [0.25, 0.5]} if space is None else space,
+                       "budget": {"trials": 2}, **block}
+    return edit
+
+
+def two_prunes(d: dict, t: Path) -> None:
+    d["stages"].insert(0, {"kind": "prune", "ffn": 0.25})
+    search()(d, t)
 
 
 def unknown_format(d: dict, tmp: Path) -> None:
@@ -317,6 +331,63 @@ CASES = [
     Case("unwritable-output", "an output root that cannot be written",
          lambda d, t: d.update(output_root="/proc/compress-outputs"),
          "output_root: cannot write to /proc/compress-outputs"),
+    Case("search-unknown-field", "a search path naming a field the stage does not have",
+         search({"stages[prune].hedas": [0.5]}),
+         "search.space.stages[prune].hedas: stages[0] has no field 'hedas'; did you mean "
+         "'heads'?"),
+    Case("search-unknown-stage", "a search path naming no stage of the recipe",
+         search({"stages[sparsify].ffn": [0.5]}),
+         "search.space.stages[sparsify].ffn: no item of stages is named or of kind 'sparsify'"),
+    Case("search-two-of-a-kind", "a stage chosen by kind when two stages have it",
+         two_prunes, "search.space.stages[prune].ffn: 2 items of stages match 'prune' "
+         "(stages[0], stages[1]); give each a name"),
+    Case("search-range-not-numeric", "a range on a field that is not a number",
+         search({"stages[quantize].per_channel": {"low": 0, "high": 1}}),
+         "search.space.stages[quantize].per_channel: a range needs a numeric field; "
+         "stages[2].per_channel is bool"),
+    Case("search-fraction-for-int", "a fractional range on a whole-number field",
+         search({"stages[prune].depth": {"low": 0.5, "high": 2}}),
+         "search.space.stages[prune].depth: stages[0].depth is a whole number"),
+    Case("search-bad-value", "a searched value the stage refuses",
+         search({"stages[prune].ffn": {"low": 0.25, "high": 1.0}}),
+         "search.space.stages[prune].ffn: 1.0 makes a bad recipe: stages[0].ffn: Input should "
+         "be less than 1"),
+    Case("search-single-value", "one value where choices or a range belong",
+         search({"stages[prune].ffn": 0.5}),
+         "search.space: stages[prune].ffn: give a list of choices ([a, b]) or a range"),
+    Case("search-same-field", "one field listed twice (by kind and by index)",
+         search({"stages[prune].ffn": [0.5], "stages[0].ffn": [0.25]}),
+         "search.space.stages[prune].ffn: the same field as search.space.stages[0].ffn"),
+    Case("search-empty-space", "a search with nothing to search",
+         search({}), "search.space: empty: name at least one field to search"),
+    Case("search-optional-export", "an optional stage the rest of the recipe needs",
+         search({"stages[export].enabled": [True, False]}),
+         "search.space: without stages[1] (export) the recipe is bad: stages[1] (quantize): "
+         "needs an ONNX model"),
+    Case("search-enabled-not-bool", "an optional stage switched by something else than true "
+         "or false", search({"stages[prune].enabled": ["yes"]}),
+         "search.space.stages[prune].enabled: whether a stage runs is a choice: [true, false]"),
+    Case("search-zero-budget", "a search budget of 0 trials",
+         lambda d, t: (search()(d, t), d["search"].update(budget={"trials": 0})),
+         "search.budget.trials: Input should be greater than or equal to 1"),
+    Case("search-no-budget", "a search budget with neither trials nor minutes",
+         lambda d, t: (search()(d, t), d["search"].update(budget={})),
+         "search.budget: set trials, minutes or both"),
+    Case("search-unknown-objective", "an objective that is not measured",
+         search(objectives=["speed"]), "search.objectives: 'speed' is not an objective"),
+    Case("search-objective-task", "an objective the task does not measure",
+         search(objectives=["perplexity", "size"]),
+         "search.objectives: perplexity is not measured for sequence-classification"),
+    Case("search-storage-url", "a study storage that is not a database URL",
+         search(storage="redis://localhost/0"),
+         "search.storage: redis://localhost/0: not a database URL"),
+    Case("search-no-block", "`compress search` on a recipe without a search block",
+         lambda d, t: None, "the recipe has no search: block", command="search"),
+    Case("search-zero-trials", "`--trials 0` on the command line", search(),
+         "--trials 0: a search needs at least 1 trial", command="search", args=("--trials", "0")),
+    Case("search-local-workers", "`--workers 2` with `--local`", search(),
+         "--workers 2: --local runs one trial at a time", command="search",
+         args=("--workers", "2")),
 ]
 
 
@@ -331,8 +402,9 @@ def test_bad_input_gives_one_clear_line(case: Case, write_recipe, tmp_path):
     else:
         path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(d))
     args = [case.command, str(path)]
-    if case.command == "run":
+    if case.command in ("run", "search"):
         args += ["--local", "--reports-dir", str(tmp_path / "reports")]
+    args += case.args
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
     assert r.exit_code == case.exit, r.output

@@ -39,12 +39,10 @@ def prefect_harness():
 
 
 def test_sweep_runs_each_variant_as_its_own_flow_run(prefect_harness, write_recipe, tmp_path):
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-
     from compress.recipe import load_recipe
     from compress.sweep import parse_sets
     from flows.sweep import run_sweep
+    from tests.e2e.conftest import child_runs
 
     recipe = load_recipe(write_recipe([{"kind": "prune", "ffn": 0.5}]))
     reports = tmp_path / "reports"
@@ -59,14 +57,8 @@ def test_sweep_runs_each_variant_as_its_own_flow_run(prefect_harness, write_reci
     assert [c["stages"][0]["model"]["hash"] for c in cards][0] != \
         [c["stages"][0]["model"]["hash"] for c in cards][1], kept
 
-    with get_client(sync_client=True) as client:
-        sweep_run = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["compress-sweep"])))[0]
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["compress-recipe"])))
-        task_runs = {t.id for t in client.read_task_runs() if t.flow_run_id == sweep_run.id}
+    sweep_run, children = child_runs("compress-sweep", "compress-recipe")
     assert sweep_run.state.is_completed() and sweep_run.name.startswith("sweep-tiny-")
-    children = [r for r in runs if r.parent_task_run_id in task_runs]
     assert len(children) == 2 and len({r.id for r in children}) == 2
     assert all(r.state.is_completed() for r in children)
     for r in children:  # the UI's name says recipe and date; tags name the recipe

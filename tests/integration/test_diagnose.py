@@ -169,3 +169,86 @@ def test_cli_diagnose_prints_the_ranking_and_refuses_unrun_stages(quantized, tmp
 def test_unknown_stage_index_is_refused(quantized):
     with pytest.raises(CompressError, match="the recipe has stages 0 to 1"):
         diagnose(make_plan(load_recipe(quantized)), 5)
+
+
+def _with_gates(recipe: Path, tmp_path: Path, **gates) -> Path:
+    raw = yaml.safe_load(recipe.read_text())
+    raw["gates"] = gates
+    out = tmp_path / f"gates-{len(list(tmp_path.glob('gates-*')))}.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def _search_block_fits(recipe: Path, block: str) -> dict:
+    """The card's search block pasted into the recipe: a valid search over that recipe."""
+    from compress.search import Space
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw.update(yaml.safe_load(block))
+    Space.of(load_recipe_from(raw, recipe.parent))
+    return raw["search"]
+
+
+def load_recipe_from(raw: dict, folder: Path):
+    p = folder / "pasted.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return load_recipe(p)
+
+
+def test_an_exclude_that_breaks_the_size_gate_is_not_suggested(quantized, tmp_path):
+    """Excluding the culprit wins the accuracy back and makes the model bigger: with a size
+    gate it would then fail, the diagnosis says so and does not suggest it as the fix."""
+    from compress.report import deltas
+
+    plain = make_plan(load_recipe(_with_gates(quantized, tmp_path, max_accuracy_drop=1.0)))
+    rep = execute(plain, tmp_path / "reports", run_id="a", keep_going=True,
+                  on_gate_failure=on_gate_failure)
+    d = rep.diagnosis
+    assert d.gate == "max_accuracy_drop" and d.conflicts == []
+    assert d.suggestion.startswith("stages[1] (quantize): add `exclude:")
+    assert d.recovered_bytes > d.compressed_bytes  # float layers take room
+    block = _search_block_fits(quantized, d.search)
+    assert block["space"]["stages[quantize].exclude"] == [[], [f"{GROUP}/*"]]
+    assert block["space"]["stages[quantize].per_channel"] == [False, True]
+
+    now = deltas(rep, rep.final)["size_ratio"]
+    with_exclude = now * d.compressed_bytes / d.recovered_bytes
+    gated = make_plan(load_recipe(_with_gates(quantized, tmp_path, max_accuracy_drop=1.0,
+                                              min_size_reduction=(now + with_exclude) / 2)))
+    rep = execute(gated, tmp_path / "reports", run_id="b", keep_going=True,
+                  on_gate_failure=on_gate_failure)
+    assert [g.passed for g in rep.gates] == [False, True]  # accuracy fails, size passes
+    d = rep.diagnosis
+    assert len(d.conflicts) == 1 and d.conflicts[0].startswith("min_size_reduction: about ")
+    assert "not a fix on its own" in d.suggestion and "add `exclude" not in d.suggestion
+    md = (tmp_path / "reports" / "tiny" / "b" / "report.md").read_text()
+    assert "breaks min_size_reduction" in md and "```yaml\nsearch:" in md
+    assert "stages[quantize].exclude" in (tmp_path / "reports" / "tiny" / "b" /
+                                          "report.html").read_text()
+
+
+def test_a_size_gate_failure_is_explained_in_size_not_accuracy(quantized, tmp_path):
+    plan = make_plan(load_recipe(_with_gates(quantized, tmp_path, max_accuracy_drop=100.0,
+                                             min_size_reduction=50.0)))
+    rep = execute(plan, tmp_path / "reports", run_id="c", keep_going=True,
+                  on_gate_failure=on_gate_failure)
+    d = rep.diagnosis
+    assert (d.method, d.gate, d.rows) == ("size", "min_size_reduction", [])
+    assert "accuracy" not in d.suggestion and "MB or less passes" in d.suggestion
+    assert "By stage: export " in d.suggestion and "quantize " in d.suggestion
+    assert "no stage of this recipe has a field that removes more" in d.suggestion
+    md = (tmp_path / "reports" / "tiny" / "c" / "report.md").read_text()
+    assert "## Diagnosis: min_size_reduction" in md and "layer group" not in md
+
+    raw = yaml.safe_load(quantized.read_text())  # with a stage that can remove more
+    raw["stages"].insert(0, {"kind": "prune", "ffn": 0.25})
+    raw["gates"] = {"min_size_reduction": 50.0}
+    (tmp_path / "pruned.yaml").write_text(yaml.safe_dump(raw))
+    rep = execute(make_plan(load_recipe(tmp_path / "pruned.yaml")), tmp_path / "reports",
+                  run_id="d", keep_going=True, on_gate_failure=on_gate_failure)
+    d = rep.diagnosis
+    assert d.method == "size" and "the fields in the search block below" in d.suggestion
+    block = _search_block_fits(tmp_path / "pruned.yaml", d.search)
+    assert block["objectives"] == ["size", "metric"]
+    assert block["space"]["stages[prune].ffn"] == {"low": 0.25, "high": 0.5}
+    assert block["space"]["stages[prune].depth"] == [0, 1]

@@ -149,12 +149,14 @@ def test_local_paths_run_with_prefect_unimportable(tmp_path, tiny_model, tiny_da
     from tests.conftest import recipe_dict
 
     raw = recipe_dict(tiny_model, tiny_data, tmp_path / "out",
-                      [{"kind": "prune", "ffn": 0.5}, {"kind": "export"}])
+                      [{"kind": "prune", "ffn": 0.5}, {"kind": "export"}],
+                      search={"space": {"stages[0].ffn": [0.5]}, "budget": {"trials": 1}})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     reports = str(tmp_path / "reports")
     for args in (["run", "r.yaml", "--local", "--reports-dir", reports],
                  ["sweep", "r.yaml", "--local", "--set", "stages[0].ffn=0.25,0.5",
-                  "--reports-dir", reports]):
+                  "--reports-dir", reports],
+                 ["search", "r.yaml", "--local", "--reports-dir", reports]):
         r = subprocess.run([sys.executable, "-c", BLOCK_PREFECT, *args], capture_output=True,
                            text=True, cwd=tmp_path, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -101,3 +101,17 @@ def test_no_speedup_across_runtimes():
 def test_no_gates_without_a_compressed_model():
     r = run("r", card("reference", 86.0, 40.0, 400.0, kind="reference"))
     assert check_gates(r, Gates(max_accuracy_drop=0.0, min_size_reduction=2.0)) == []
+
+
+def test_max_p50_is_the_final_models_own_latency():
+    g = _one(_run(final_ms=10.0), max_p50_ms=12.0)
+    assert g.passed and g.value == 10.0
+    assert g.message == "p50 10.00 ms at batch 1 on this machine (allowed 12 ms)"
+    assert not _one(_run(final_ms=12.5), max_p50_ms=12.0).passed
+
+
+def test_quality_gates_are_the_metric_ones():
+    gates = Gates(max_accuracy_drop=1.0, min_size_reduction=4.0, max_p50_ms=5.0,
+                  max_perplexity_increase=0.1)
+    assert gates.quality().model_dump(exclude_none=True) == {
+        "max_accuracy_drop": 1.0, "max_perplexity_increase": 0.1}
