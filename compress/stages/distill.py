@@ -168,10 +168,13 @@ class DistillConfig(TrainingConfig):
                 raise ValueError(f"{where}.{name}: the teacher answers prompts; it needs "
                                  "prompt/response data (data.prompt_column and "
                                  "data.response_column)")
+
+    def check_model(self, model_config: dict[str, Any]) -> None:
+        """The models it names besides the input exist (paths resolved by now)."""
         for name, path in (("student", self.student),
                            ("rationale.teacher", self.rationale and self.rationale.teacher)):
             if path and not (Path(path) / "config.json").is_file():
-                raise ValueError(f"{where}.{name}: {path} is not a model folder")
+                raise ValueError(f"{name}: {path} is not a model folder")
 
     def resolve_paths(self, resolve: Any) -> DistillConfig:
         update: dict[str, Any] = {"teachers": [
@@ -229,21 +232,19 @@ class DistillConfig(TrainingConfig):
                              **kwargs)
         teachers, refs, weights = self._teachers(ctx, kwargs)
         soft = self.alpha > 0 or self.hidden or self.attention_weight or self.mutual
-        for t, r in zip(teachers, refs, strict=True):
-            if soft and t.config.vocab_size != student.config.vocab_size:
-                hint = "; with another tokenizer use sequence_level and alpha 0 (hard-label " \
-                    "KD needs no shared vocabulary)" if ctx.data.instruct else ""
-                raise StageError(f"distill: teacher {r.path} has a vocabulary of "
-                                 f"{t.config.vocab_size}, the student "
-                                 f"{student.config.vocab_size}; their tokenizers must match"
-                                 + hint)
         tok = load_tokenizer(student_path, trust_remote_code=trc)
-        if soft and self.student and any(  # same size is not same tokenizer: compare them
-                load_tokenizer(r.path, trust_remote_code=trc).get_vocab() != tok.get_vocab()
-                for r in refs):
-            raise StageError(f"distill: the student {self.student} does not share the "
-                             "teacher's tokenizer; use sequence_level and alpha 0 (hard-label "
-                             "KD needs no shared vocabulary)")
+        for t, r in zip(teachers, refs, strict=True):
+            # a student of its own (`student:`) may have a vocabulary of the same size and
+            # other ids: compare the tokenizers themselves then
+            if soft and (t.config.vocab_size != student.config.vocab_size or (
+                    self.student and load_tokenizer(r.path, trust_remote_code=trc).get_vocab()
+                    != tok.get_vocab())):
+                way = "use sequence_level and alpha 0 (hard-label KD needs no shared " \
+                    "vocabulary)" if ctx.data.instruct else "soft targets need one vocabulary"
+                raise StageError(f"distill: the student (vocabulary "
+                                 f"{student.config.vocab_size}) does not share the teacher's "
+                                 f"tokenizer ({r.path}, vocabulary {t.config.vocab_size}); "
+                                 + way)
 
         given = self.hidden.layer_map if self.hidden else None
         pairs = kd.layer_map(student, teachers[0], given) \

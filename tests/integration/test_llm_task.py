@@ -217,3 +217,16 @@ def test_more_families_prune_distill_export_int4(tmp_path, assets, family, heads
     assert onnx.info["parity"]["generation"]["match"] and onnx.info["use_cache"]
     assert int4.info["quantization"]["method"] == "int4"
     assert onnx.metrics.scores["answer_accuracy"] == student.metrics.scores["answer_accuracy"]
+
+
+@pytest.mark.gpu
+def test_int8_teacher_distills_on_a_gpu(tmp_path, assets):
+    """bitsandbytes 8-bit teacher, bf16 student (make gpu-check runs this)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _, [card] = run_stages(recipe(tmp_path, assets, [distill(teacher_dtype="int8",
+                                                             max_steps=5)]))
+    assert card.info["teacher_dtype"] == "int8"
+    assert card.info["training"]["precision"] == "bf16"
