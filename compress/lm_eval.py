@@ -37,6 +37,7 @@ from compress.data import (
 )
 from compress.errors import RecipeError
 from compress.interrupt import check as check_interrupt
+from compress.logs import quiet
 from compress.metrics import token_nll
 from compress.spec import EvaluationSpec
 
@@ -225,8 +226,9 @@ def draft(target: Any, model: Any, tokenizer: Any, data: TaskData, decode: Any
         blocks = encode_lm(ev, tokenizer, data.spec.max_length)
         prompts = [list(blocks[i % len(blocks)]["input_ids"][:decode.prompt_tokens])
                    for i in range(n)]
-    r = draft_acceptance(target, model, prompts, new_tokens=decode.draft_tokens,
-                         num_assistant_tokens=decode.assistant_tokens, rounds=1, warmup=1)
+    with quiet("transformers"):  # it notes each changed generation default; we chose them
+        r = draft_acceptance(target, model, prompts, new_tokens=decode.draft_tokens,
+                             num_assistant_tokens=decode.assistant_tokens, rounds=1, warmup=1)
     return ({"draft_acceptance": round(100 * r["acceptance_rate"], 2),
              "draft_speedup": round(r["speedup_p50"], 3)}, r)
 

@@ -57,9 +57,14 @@ class DataSpec(Strict):
     @field_validator("template")
     @classmethod
     def _has_prompt(cls, v: str) -> str:
-        if "{prompt}" not in v:
-            raise ValueError("must contain {prompt}, where each prompt goes")
-        return v
+        return has_prompt_placeholder(v, "each prompt")
+
+
+def has_prompt_placeholder(template: str, what: str) -> str:
+    """A template that will be filled with prompts must say where they go."""
+    if "{prompt}" not in template:
+        raise ValueError(f"must contain {{prompt}}, where {what} goes")
+    return template
 
 
 class LatencySpec(Strict):

@@ -100,14 +100,14 @@ def make_pairs_csv(path: Path, rows: int = 300, seed: int = 0) -> Path:
     rng = random.Random(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(rows):
+        good = i % 2 == 0
+        adj = rng.sample(POSITIVE if good else NEGATIVE, 2)
+        out.append([f"the {rng.choice(['movie', 'film', 'story'])} was {adj[0]} and {adj[1]} .",
+                    "good" if good else "bad"])
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "response"])
-        for i in range(rows):
-            good = i % 2 == 0
-            adj = rng.sample(POSITIVE if good else NEGATIVE, 2)
-            w.writerow([f"the {rng.choice(['movie', 'film', 'story'])} was {adj[0]} and "
-                        f"{adj[1]} .", "good" if good else "bad"])
+        csv.writer(f).writerows([["prompt", "response"], *out])
     return path
 
 

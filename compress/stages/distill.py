@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from compress.artifact import ModelRef
-from compress.spec import Strict
+from compress.spec import Strict, has_prompt_placeholder
 from compress.stage import StageContext, TrainingConfig
 
 
@@ -79,9 +79,7 @@ class Rationale(Strict):
     @field_validator("instruction")
     @classmethod
     def _has_prompt(cls, v: str) -> str:
-        if "{prompt}" not in v:
-            raise ValueError("must contain {prompt}, where each training prompt goes")
-        return v
+        return has_prompt_placeholder(v, "each training prompt")
 
 
 # Options added after distill outputs existed: left out of the id while unset, so the ids of
