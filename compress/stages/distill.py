@@ -371,7 +371,6 @@ class DistillConfig(TrainingConfig):
     def _rationales(self, data: Any, teacher: Any, teacher_ref: ModelRef, ctx: StageContext,
                     warnings: list[str]) -> tuple[Any, dict[str, Any]]:
         from compress.artifact import read_ref, source_ref
-        from compress.data import CHAT
         from compress.llm_distill import rationale_prompts, with_rationales
         from compress.models import load_model
 
@@ -383,9 +382,9 @@ class DistillConfig(TrainingConfig):
                                  trust_remote_code=ctx.recipe.model.trust_remote_code)
         settings = {"max_new_tokens": r.max_new_tokens, "temperature": 0.0, "top_p": 1.0,
                     "seed": r.seed, "instruction": r.instruction}
-        texts, facts = self._generate(teacher, teacher_ref, rationale_prompts(data,
-                                                                              r.instruction),
-                                      list(data.train[CHAT]), settings, ctx, warnings)
+        prompts = rationale_prompts(data, r.instruction)  # asked as an instruction: through
+        texts, facts = self._generate(teacher, teacher_ref, prompts,  # its chat template if any
+                                      [True] * len(prompts), settings, ctx, warnings)
         rows = with_rationales(data, texts, r.prefix)
         return rows, {**facts, "rows": len(rows.train) - len(data.train),
                       "teacher": teacher_ref.path}
@@ -418,9 +417,10 @@ class DistillConfig(TrainingConfig):
                 out / "peer")
         losses = provider.stats()
         stats.update(losses)
+        shared = {k: v for k, v in stats.items() if k not in ("loss_curve", "final_loss")}
         return {"parent": teacher_ref.hash, "role": "the teacher, trained with the student "
-                "(deep mutual learning)", "training": {"final_loss": losses["peer_final_loss"],
-                                                         "steps": stats["steps"]}}
+                "(deep mutual learning)", "training": {**shared,  # one run trained both
+                                                         "final_loss": losses["peer_final_loss"]}}
 
     def _teacher_kwargs(self) -> dict[str, Any]:
         """Load options for the teacher's weights: half precision, or bitsandbytes 8-bit."""

@@ -157,6 +157,13 @@ def test_co_distillation_makes_two_outputs_with_their_own_cards(tmp_path, assets
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the peer trained
     tr = card.info["training"]
     assert tr["teacher"].startswith("mutual") and math.isfinite(tr["peer_final_loss"])
+    assert peer.info["training"]["final_loss"] == tr["peer_final_loss"]
+    from compress.render import render_markdown
+    from compress.report import RunReport
+
+    md = render_markdown(RunReport(recipe="r", run_id="1", started_at="now", reference=pruned,
+                                   stages=[card]))
+    assert "| distill (peer) |" in md and "- distill (peer): 10 steps" in md
 
 
 def test_over_distillation_probe_warns_and_gates(tmp_path, assets):
