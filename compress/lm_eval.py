@@ -196,8 +196,10 @@ def probe_blocks(path: str, tokenizer: Any, block: int, tokens: int) -> Any:
     return enc.select(range(min(len(enc), max(1, tokens // block))))
 
 
-def speed(model: Any, tokenizer: Any, onnx: bool, decode: Any) -> tuple[dict[str, float],
-                                                                        dict[str, Any]]:
+Scores = tuple[dict[str, float], dict[str, Any]]  # (card scores, how they were measured)
+
+
+def speed(model: Any, tokenizer: Any, onnx: bool, decode: Any) -> Scores:
     """Decode tokens/s and TTFT (compress.decode); ORT models with one torch thread, so torch's
     spin-waiting workers leave ORT the cores."""
     from compress.decode import decode_speed
@@ -209,8 +211,7 @@ def speed(model: Any, tokenizer: Any, onnx: bool, decode: Any) -> tuple[dict[str
              "ttft_ms": round(1000 * r["ttft_s_p50"], 2)}, r)
 
 
-def draft(target: Any, model: Any, tokenizer: Any, data: TaskData, decode: Any
-          ) -> tuple[dict[str, float], dict[str, Any]]:
+def draft(target: Any, model: Any, tokenizer: Any, data: TaskData, decode: Any) -> Scores:
     """`model` drafting for `target` (the reference) on eval prompts: acceptance and speed-up.
     Needs one vocabulary: a student with another tokenizer cannot draft token by token."""
     from compress.decode import draft_acceptance
@@ -234,8 +235,7 @@ def draft(target: Any, model: Any, tokenizer: Any, data: TaskData, decode: Any
 
 
 def card_scores(model: Any, logits: Logits, onnx: bool, data: TaskData, tokenizer: Any,
-                spec: EvaluationSpec, *, draft_target: Any = None
-                ) -> tuple[dict[str, float], dict[str, Any]]:
+                spec: EvaluationSpec, *, draft_target: Any = None) -> Scores:
     """What every LM card shows besides the task metric: probe perplexity, decode speed, and
     (PyTorch, with the reference model as `draft_target`) draft acceptance. (scores, details)"""
     scores: dict[str, float] = {}
