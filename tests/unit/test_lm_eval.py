@@ -161,3 +161,17 @@ def test_probe_gate_and_side_cards_in_the_report():
     assert not gate.passed and "probe perplexity 40.00 -> 70.00" in gate.message
     assert [c.name for c in report.cards()] == ["teacher", "student", "distill (peer)"]
     assert report.final is final
+
+
+def test_options_added_later_leave_existing_ids_alone():
+    """Recipes that do not use the new fields keep their output ids (no needless rebuilds)."""
+    from compress.data import _fingerprint_fields
+    from compress.stages.distill import DistillConfig
+
+    new = {"student", "sequence_level", "rationale", "mutual"}
+    assert not new & set(DistillConfig().identity())
+    assert DistillConfig(mutual=True).identity()["mutual"] is True
+    assert DistillConfig(sequence_level={"seed": 1}).identity()["sequence_level"]["seed"] == 1
+    fields = _fingerprint_fields(DataSpec(path="d.csv"))
+    assert not {"prompt_column", "response_column", "template", "chat_template"} & set(fields)
+    assert _fingerprint_fields(DataSpec(path="d.csv", template="Q: {prompt}"))["template"]
