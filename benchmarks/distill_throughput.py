@@ -11,7 +11,9 @@ printed as cost ratios to (a). Goal: (c) <= 1.15x the cost of (a).
 Hamlet in blocks of 128 tokens, in tokens/s as well, and the training throughput in TFLOP/s
 (6 x student parameters x tokens/s, plus 2 x teacher parameters x tokens/s when it runs live);
 --peak-tflops (e.g. 989 for an H100's dense bf16) prints it as a fraction of the GPU's peak.
+--compile on|both trains with torch.compile (both: each mode eager and compiled, one table).
 Usage: python benchmarks/distill_throughput.py [--lm] [--steps 40] [--batch-size 32]
+       [--compile off|on|both]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="off")
     args = ap.parse_args()
     torch.set_num_threads(default_threads())
     tmp = Path(tempfile.mkdtemp(prefix="distill-bench-"))
@@ -75,30 +78,35 @@ def main() -> None:
     cache = build_teacher_cache(teacher.to(device), plan.source, tok, data, tmp, k, bs)
     build_s = time.perf_counter() - t0
 
-    cfg = DistillConfig(max_steps=steps, batch_size=bs, alpha=0.5, temperature=2.0)
-    kd = kd_loss(cfg.terms())  # exactly what the distill stage trains with
     rows = {}
     s_params = t_params = 0
-    for name, loss in (("(a) fine-tune, no teacher", LabelLoss()),
-                       ("(b) KD, live teacher", LiveTeachers([teacher], kd, {})),
-                       ("(c) KD, cached top-k", CachedTeacher(cache, kd))):
-        student = load_model(student_ref.path, task, data.num_labels)
-        s_params, t_params = count_parameters(student), count_parameters(teacher)
-        _, stats = train(student, tok, data, cfg, loss, desc=name[:3])
-        flops = 6 * s_params + (2 * t_params if isinstance(loss, LiveTeachers) else 0)
-        rows[name] = (stats["samples_per_s"], stats.get("tokens_per_s"),
-                      flops * stats.get("tokens_per_s", 0) / 1e12)
-    base = rows["(a) fine-tune, no teacher"][0]
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    for compiled in modes:
+        cfg = DistillConfig(max_steps=steps, batch_size=bs, alpha=0.5, temperature=2.0,
+                            compile=compiled)
+        kd = kd_loss(cfg.terms())  # exactly what the distill stage trains with
+        tag = ", compiled" if compiled else ""
+        for name, loss in (("(a) fine-tune, no teacher", LabelLoss()),
+                           ("(b) KD, live teacher", LiveTeachers([teacher], kd, {})),
+                           ("(c) KD, cached top-k", CachedTeacher(cache, kd))):
+            student = load_model(student_ref.path, task, data.num_labels)
+            s_params, t_params = count_parameters(student), count_parameters(teacher)
+            _, stats = train(student, tok, data, cfg, loss, desc=name[:3])
+            flops = 6 * s_params + (2 * t_params if isinstance(loss, LiveTeachers) else 0)
+            rows[name + tag] = (stats["samples_per_s"], stats.get("tokens_per_s"),
+                                flops * stats.get("tokens_per_s", 0) / 1e12,
+                                stats["precision"])
+    base = next(iter(rows.values()))[0]
     length = 128 if args.lm else 64
     print(f"\n{'SmolLM2-135M' if args.lm else 'MiniLM'}: {steps} steps x batch {bs}, max length "
           f"{length}, {default_threads()} threads, {device}; student {s_params / 1e6:.1f}M, "
           f"teacher {t_params / 1e6:.1f}M parameters")
-    head = f"{'mode':30}{'samples/s':>12}{'cost vs (a)':>14}"
+    head = f"{'mode':40}{'precision':>10}{'samples/s':>12}{'cost vs (a)':>14}"
     if args.lm:
         head += f"{'tokens/s':>12}{'TFLOP/s':>10}" + ("  of peak" if args.peak_tflops else "")
     print(head)
-    for name, (r, tps, tflops) in rows.items():
-        line = f"{name:30}{r:>12.2f}{base / r:>13.2f}x"
+    for name, (r, tps, tflops, precision) in rows.items():
+        line = f"{name:40}{precision:>10}{r:>12.2f}{base / r:>13.2f}x"
         if args.lm:
             line += f"{tps:>12.1f}{tflops:>10.3f}"
             if args.peak_tflops:

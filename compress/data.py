@@ -20,6 +20,7 @@ from compress.errors import RecipeError, first_line
 from compress.logs import quiet
 from compress.spec import DataSpec
 
+PROMPT, RESPONSE, CHAT = "prompt", "response", "chat"  # the columns of prompt/response data
 _SUFFIX_FORMAT = {
     ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
     ".txt": "text",
@@ -28,7 +29,9 @@ _SUFFIX_FORMAT = {
 
 @dataclass(frozen=True)
 class TaskData:
-    train: Any  # datasets.Dataset with columns text[, text_pair], label (no label: causal LM)
+    # datasets.Dataset with columns text[, text_pair], label; a causal LM has no label: text
+    # (plain text, cut into blocks) or prompt, response, chat (prompt/response pairs)
+    train: Any
     eval: Any
     num_labels: int  # 0 for a causal LM
     label_names: tuple[str, ...] | None
@@ -41,10 +44,15 @@ class TaskData:
     def causal_lm(self) -> bool:
         return "label" not in self.train.column_names
 
+    @property
+    def instruct(self) -> bool:
+        """Prompt/response pairs (a causal-LM task): losses and KD cover the response only."""
+        return PROMPT in self.train.column_names
+
     def warnings(self, threshold: float = 0.01) -> list[str]:
         """One line per split that lost more than `threshold` of its rows (classifiers: a
         text file's blank lines are not lost rows)."""
-        if self.causal_lm:
+        if self.causal_lm and not self.instruct:
             return []
         out = []
         for split, a in self.accounting.items():
@@ -127,7 +135,10 @@ def _check_columns(ds: Any, spec: DataSpec, lm: bool = False) -> None:
         raise RecipeError(f"data.label_column: {spec.label_column!r} is also a text column; "
                           "the label must be a column of its own")
     cols = list(ds.column_names)
-    for key in ("text_column",) if lm else ("text_column", "label_column", "text_pair_column"):
+    keys = ("text_column", "label_column", "text_pair_column")
+    if lm:
+        keys = ("prompt_column", "response_column") if spec.prompt_column else ("text_column",)
+    for key in keys:
         name = getattr(spec, key)
         if name is not None and name not in cols:
             raise RecipeError(f"data.{key}: column {name!r} not in the data "
@@ -151,6 +162,8 @@ def _why_dropped(r: dict[str, Any]) -> str | None:
 def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> tuple[Any, dict[str, Any]]:
     """The split with our column names and without unusable rows, and its accounting."""
     read = len(ds)
+    if lm and spec.prompt_column:
+        return _normalise_pairs(ds, spec)
     if lm:
         ds = ds.select_columns([spec.text_column])
         if spec.text_column != "text":
@@ -170,6 +183,39 @@ def _normalise(ds: Any, spec: DataSpec, lm: bool = False) -> tuple[Any, dict[str
     dropped = {why: reasons.count(why) for why in ("empty text", "empty label")}
     ds = ds.filter(lambda _r, i: reasons[i] is None, with_indices=True)
     return ds, {"read": read, "kept": len(ds), "dropped": dropped}
+
+
+def _normalise_pairs(ds: Any, spec: DataSpec) -> tuple[Any, dict[str, Any]]:
+    """Prompt/response rows: the template applied to each prompt (it needs no tokenizer; the
+    chat template, which does, is applied when encoding), rows with an empty side dropped."""
+    assert spec.prompt_column and spec.response_column
+    read = len(ds)
+    ds = ds.select_columns(list(dict.fromkeys([spec.prompt_column, spec.response_column])))
+    rows = ds.to_dict()
+    prompts, responses = rows[spec.prompt_column], rows[spec.response_column]
+    why = ["empty prompt" if _empty(p) else "empty response" if _empty(r) else None
+           for p, r in zip(prompts, responses, strict=True)]
+    keep = [i for i, w in enumerate(why) if w is None]
+    asked = [apply_template(spec.template, str(prompts[i])) for i in keep]
+    out = pair_rows(asked, [str(responses[i]).strip() for i in keep],
+                    [spec.chat_template] * len(keep))
+    dropped = {w: why.count(w) for w in ("empty prompt", "empty response")}
+    return out, {"read": read, "kept": len(out), "dropped": dropped}
+
+
+def pair_rows(prompts: list[str], responses: list[str], chats: list[bool]) -> Any:
+    """Prompt/response rows; `text` repeats the prompt, so whatever reads an eval text (the
+    latency batch) gets what a user would send."""
+    import datasets
+
+    return datasets.Dataset.from_dict({PROMPT: prompts, RESPONSE: responses, CHAT: chats,
+                                       "text": prompts})
+
+
+def apply_template(template: str, prompt: str) -> str:
+    """The prompt as the model is asked it: `{prompt}` in the template replaced (str.replace,
+    not str.format: prompts may contain braces)."""
+    return template.replace("{prompt}", prompt.strip())
 
 
 def _labels(train: Any, ev: Any, num_labels: int | None) -> tuple[Any, Any, int, tuple | None]:
@@ -225,6 +271,7 @@ def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskDa
     accounts = {spec.train_split: accounting}
     if ev is not None:
         ev, accounts[spec.eval_split or "eval"] = _normalise(ev, spec, lm)
+    pairs = lm and spec.prompt_column is not None
     if len(train) == 0:
         why = ", ".join(f"{k}: {v}" for k, v in accounting["dropped"].items() if v)
         raise RecipeError(f"data.path: {Path(spec.path).name} has no usable rows "
@@ -236,13 +283,13 @@ def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskDa
     if ev is None:
         if len(train) < 4:
             raise RecipeError(f"data: {len(train)} rows are too few to split off an eval set")
-        if lm:  # the tail: blocks are cut from consecutive rows, neighbours stay together
+        if lm and not pairs:  # the tail: blocks are cut from consecutive rows
             cut = len(train) - max(1, round(len(train) * spec.eval_fraction))
             train, ev = train.select(range(cut)), train.select(range(cut, len(train)))
         else:
             parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)
             train, ev = parts["train"], parts["test"]
-    elif not lm:
+    elif not lm or pairs:
         train = train.shuffle(seed=spec.seed)
     if len(ev) == 0:
         raise RecipeError("data: the eval split is empty")
@@ -250,16 +297,31 @@ def _load_task_data(spec: DataSpec, num_labels: int | None, task: str) -> TaskDa
         train = train.select(range(min(spec.max_train_samples, len(train))))
     if spec.max_eval_samples:
         ev = ev.select(range(min(spec.max_eval_samples, len(ev))))
-    fp = canonical_hash(content, spec.model_dump(exclude={"path"}), n, *(("lm",) if lm else ()))
+    fp = canonical_hash(content, _fingerprint_fields(spec), n,
+                        *(("lm", "bos-blocks") if lm else ()))
     return TaskData(train=train, eval=ev, num_labels=n, label_names=names, fingerprint=fp,
                     spec=spec, accounting=accounts)
+
+
+# Fields added to DataSpec after recipes existed: left out of the fingerprint while unset, so the
+# ids of recipes that do not use them stay as they were.
+_LATER_FIELDS = {"prompt_column": None, "response_column": None, "template": "{prompt}",
+                 "chat_template": True}
+
+
+def _fingerprint_fields(spec: DataSpec) -> dict[str, Any]:
+    d = spec.model_dump(exclude={"path"})
+    return {k: v for k, v in d.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
 def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
     """Tokenize without padding (batches pad to their longest: much faster on short texts).
 
-    Rows without a label are language-model text: see `encode_lm`.
+    Rows without a label are language-model text: prompt/response pairs (`encode_pairs`) or
+    plain text cut into blocks (`encode_lm`).
     """
+    if PROMPT in ds.column_names:
+        return encode_pairs(ds, tokenizer, max_length)
     if "label" not in ds.column_names:
         return encode_lm(ds, tokenizer, max_length)
     has_pair = "text_pair" in ds.column_names
@@ -274,9 +336,19 @@ def encode(ds: Any, tokenizer: Any, max_length: int) -> Any:
         return ds.map(tok, batched=True, remove_columns=ds.column_names)
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """[BOS] when the tokenizer puts one before a text, else []: a model trained that way
+    (Gemma) scores text without it as if it were noise (perplexity ~5,000 instead of ~235)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("a")["input_ids"][:1] == [bos] else []
+
+
 def encode_lm(ds: Any, tokenizer: Any, block: int) -> Any:
     """Causal-LM text: tokenize, join the rows with a newline (eos if the tokenizer has no
-    newline token), cut into full blocks of `block` tokens; labels are the inputs.
+    newline token), cut into full blocks of `block` tokens (each starting with BOS when the
+    tokenizer adds one); labels are the inputs.
 
     A remainder shorter than a block is dropped, except that text shorter than one block makes
     one short block, so a tiny eval split still yields something to score.
@@ -286,8 +358,10 @@ def encode_lm(ds: Any, tokenizer: Any, block: int) -> Any:
     for text in ds["text"]:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         ids.extend(sep)
-    n = max(1, len(ids) // block)
-    blocks = [ids[i * block:(i + 1) * block] for i in range(n)]
+    bos = bos_prefix(tokenizer)
+    size = block - len(bos)
+    n = max(1, len(ids) // size)
+    blocks = [bos + ids[i * size:(i + 1) * size] for i in range(n)]
     import datasets
 
     return datasets.Dataset.from_dict({
@@ -295,11 +369,70 @@ def encode_lm(ds: Any, tokenizer: Any, block: int) -> Any:
         "labels": [list(b) for b in blocks]})
 
 
+def render_pair(tokenizer: Any, prompt: str, response: str | None, chat: bool
+                ) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) as the model reads and writes them; the one rendering that
+    training, evaluation and teacher generation share.
+
+    With the tokenizer's chat template (when `chat` and it has one): the prompt is the user turn
+    plus the generation prompt, the response is what the template writes after it (the answer
+    and its end-of-turn tokens). Without: the prompt as is (BOS when the tokenizer adds one), a
+    space, the response, EOS. `response=None` gives the prompt alone.
+    """
+    if chat and getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        if response is None:
+            return p_ids, []
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": response}], tokenize=False)
+        tail = full[len(head):] if full.startswith(head) else \
+            response + (tokenizer.eos_token or "")
+        return p_ids, tokenizer(tail, add_special_tokens=False)["input_ids"]
+    p_ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if response is None:
+        return p_ids, []
+    sep = "" if prompt[-1:].isspace() else " "
+    r_ids = tokenizer(sep + response, add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return p_ids, r_ids + eos
+
+
+def fit_pair(p_ids: list[int], r_ids: list[int], max_length: int, keep_first: bool
+             ) -> tuple[list[int], list[int]]:
+    """Cut a pair to max_length: the response keeps its start, the prompt its end (the
+    question sits there) and, with `keep_first`, its first token (BOS)."""
+    r_ids = r_ids[:max(1, max_length - 1)]
+    room = max_length - len(r_ids)
+    if len(p_ids) > room:
+        p_ids = p_ids[:1] + p_ids[len(p_ids) - room + 1:] if keep_first and room > 1 \
+            else p_ids[len(p_ids) - room:]
+    return p_ids, r_ids
+
+
+def encode_pairs(ds: Any, tokenizer: Any, max_length: int) -> Any:
+    """Prompt/response rows as one sequence each; labels -100 on the prompt, so the loss and
+    distillation see the response tokens only."""
+    import datasets
+
+    keep_first = bool(bos_prefix(tokenizer))
+    ids, labels = [], []
+    for p, r, chat in zip(ds[PROMPT], ds[RESPONSE], ds[CHAT], strict=True):
+        p_ids, r_ids = fit_pair(*render_pair(tokenizer, p, r, chat), max_length, keep_first)
+        ids.append(p_ids + r_ids)
+        labels.append([-100] * len(p_ids) + r_ids)
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x)
+                                                                           for x in ids],
+                                       "labels": labels})
+
+
 def calibration_batches(data: TaskData, tokenizer: Any, n: int, batch_size: int = 8
                         ) -> list[dict[str, Any]]:
     """Up to `n` training examples (blocks, for an LM) as model-ready tensor batches, labels
     included (Taylor importance needs a loss). The same rows every call."""
-    rows = data.train if data.causal_lm else data.train.select(range(min(n, len(data.train))))
+    rows = data.train if data.causal_lm and not data.instruct else \
+        data.train.select(range(min(n, len(data.train))))
     enc = encode(rows, tokenizer, data.spec.max_length)
     enc = enc.select(range(min(n, len(enc))))
     return list(loader(enc, tokenizer, batch_size))
@@ -307,11 +440,15 @@ def calibration_batches(data: TaskData, tokenizer: Any, n: int, batch_size: int 
 
 def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = False,
            seed: int = 0, tensors: str = "pt") -> Any:
-    """A DataLoader over encoded rows, padding each batch to its longest row."""
+    """A DataLoader over encoded rows, padding each batch to its longest row (token labels,
+    as prompt/response rows have, padded with -100)."""
     import torch
-    from transformers import DataCollatorWithPadding
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    collate = DataCollatorWithPadding(tokenizer, return_tensors=tensors)
+    ragged = "labels" in encoded.column_names and len(encoded) and \
+        isinstance(encoded[0]["labels"], list)
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors=tensors) \
+        if ragged else DataCollatorWithPadding(tokenizer, return_tensors=tensors)
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, generator=gen)

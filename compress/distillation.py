@@ -5,8 +5,9 @@ loss = alpha * KL(teacher_T || student_T) * T^2 + (1 - alpha) * CE(student, labe
      + hidden_weight * sum over mapped layers of MSE/cosine(proj(student_h), teacher_h)
      + attention_weight * sum over mapped layers of KL(teacher attention || student attention)
 
-Causal LMs: the same terms per token (position t against token t + 1, padding masked), with
-`divergence` choosing forward KL, reverse KL or GKD's generalized JSD for the soft term.
+Causal LMs: the same terms per token (position t against token t + 1, padding masked; on
+prompt/response data the response tokens only), with `divergence` choosing forward KL, reverse KL
+or GKD's generalized JSD for the soft term.
 
 The training loop (compress.train) sees only a `LossProvider`: `LiveTeachers` runs the teachers
 on each batch (several teachers: their T-softmaxes averaged with weights); `CachedTeacher`
@@ -70,8 +71,9 @@ def kd_loss(terms: KDTerms, *, weights: Sequence[float] = (1.0,),
         mask = batch.get("attention_mask")
         logits, pos = s.logits, None
         lm = logits.dim() == 3
-        if lm:  # position t predicts token t + 1; padding never counts
+        if lm:  # position t predicts token t + 1; padding and prompt tokens (-100) never count
             logits, y, pos = shift_for_causal_lm(logits, y, mask)
+            pos = (y != -100) if pos is None else pos & (y != -100)
         if isinstance(t, tuple):  # cached top-k logits: (values, indices, rows present)
             values, indices, present = t
             if lm:

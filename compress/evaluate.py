@@ -19,6 +19,7 @@ from compress.artifact import WEIGHT_SUFFIXES, ModelRef, dir_bytes
 from compress.data import TaskData, encode, loader
 from compress.errors import RecipeError
 from compress.interrupt import check as check_interrupt
+from compress.lm_eval import block_perplexity, card_scores, pair_scores
 from compress.logs import quiet
 from compress.measure import (
     NOISY,
@@ -29,7 +30,7 @@ from compress.measure import (
     spread,
     time_calls,
 )
-from compress.metrics import Metrics, classification_scores
+from compress.metrics import Metrics, classification_scores, default_metric
 from compress.models import count_parameters, load_model, load_tokenizer
 from compress.report import HeadToHead
 from compress.spec import EvaluationSpec
@@ -61,10 +62,20 @@ def ort_causal_lm(folder: Any, file_name: str, threads: int) -> Any:
     from optimum.onnxruntime import ORTModelForCausalLM
 
     with quiet(stdout=True):
-        return ORTModelForCausalLM.from_pretrained(
+        model = ORTModelForCausalLM.from_pretrained(
             str(folder), file_name=file_name, use_cache=True, local_files_only=True,
             provider="CPUExecutionProvider", session_options=session_options(threads, folder),
             use_io_binding=False)
+    # optimum-onnx 0.1.0 sizes the empty first-step cache as hidden_size / heads per head and,
+    # for families it does not list (Phi-3), as many key/value heads as query heads: wrong once
+    # heads are pruned (head_dim stays) or with GQA. The config says what the graph has.
+    c = model.config
+    if getattr(model, "embed_size_per_head", None) is not None:
+        model.embed_size_per_head = getattr(c, "head_dim", None) or \
+            c.hidden_size // c.num_attention_heads
+    if getattr(c, "num_key_value_heads", None):
+        model.num_key_value_heads = c.num_key_value_heads
+    return model
 
 
 class Predictor:
@@ -318,6 +329,9 @@ def task_scores(pred: Predictor, data: TaskData, tokenizer: Any, spec: Evaluatio
                 max_samples: int | None = None) -> tuple[dict[str, float], int]:
     """Every metric the task offers for this model, on the eval split: the one place that
     decides what a card's scores are (evaluation and early stopping both call it)."""
+    if data.instruct:  # prompt/response pairs: answers, choices, response perplexity
+        return pair_scores(getattr(pred, "model", None), pred.logits, data, tokenizer, spec,
+                           max_samples)
     if data.causal_lm:
         ppl, n = perplexity(pred, data, tokenizer, spec.batch_size, max_samples)
         return {"perplexity": round(ppl, 4)}, n
@@ -326,7 +340,7 @@ def task_scores(pred: Predictor, data: TaskData, tokenizer: Any, spec: Evaluatio
 
 
 def metric_name(spec: EvaluationSpec, data: TaskData) -> str:
-    return spec.metric or ("perplexity" if data.causal_lm else "accuracy")
+    return spec.metric or default_metric("causal-lm" if data.causal_lm else "", data.instruct)
 
 
 def perplexity(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
@@ -335,22 +349,13 @@ def perplexity(pred: Predictor, data: TaskData, tokenizer: Any, batch_size: int,
     enc = encode(data.eval, tokenizer, data.spec.max_length)
     if max_samples:
         enc = enc.select(range(min(max_samples, len(enc))))
-    nll, count = 0.0, 0
-    for batch in loader(enc, tokenizer, batch_size, tensors="np"):
-        check_interrupt()
-        labels = np.asarray(batch.pop("labels"))[:, 1:]
-        mask = np.asarray(batch["attention_mask"])[:, 1:].astype(bool)
-        logits = pred.logits(batch)[:, :-1].astype(np.float64)
-        top = logits.max(-1, keepdims=True)
-        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
-        picked = np.take_along_axis(logits, labels[..., None], -1)[..., 0]
-        nll += float(((logz - picked) * mask).sum())
-        count += int(mask.sum())
-    return float(np.exp(nll / max(count, 1))), count
+    return block_perplexity(pred.logits, enc, tokenizer, batch_size)
 
 
 def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
-             trust_remote_code: bool = False) -> Metrics:
+             trust_remote_code: bool = False, draft_for: ModelRef | None = None) -> Metrics:
+    """Score and time one model. Causal LMs also get compress.lm_eval's card scores (probe,
+    decode speed; drafting for `draft_for`, the reference, when both are PyTorch models)."""
     threads = spec.latency.threads or default_threads()
     seq_len = spec.latency.sequence_length or data.spec.max_length
     t0 = time.perf_counter()
@@ -371,11 +376,14 @@ def evaluate(ref: ModelRef, data: TaskData, spec: EvaluationSpec, *,
         params, device = pred.parameters, pred.device
         per_token = onnx_macs_per_token(pred.path) if isinstance(
             pred, (OrtPredictor, OrtCausalLMPredictor)) else linear_macs_per_token(pred.model)
+    lm_scores, generation = _lm_card(pred, ref, data, tokenizer, spec, draft_for,
+                                     trust_remote_code) if data.causal_lm else ({}, None)
     del pred
     gc.collect()
     name = metric_name(spec, data)
     return Metrics(
-        metric=name, value=scores[name], scores=scores, eval_samples=n, runtime=lat[0].runtime,
+        metric=name, value={**scores, **lm_scores}[name], scores={**scores, **lm_scores},
+        eval_samples=n, runtime=lat[0].runtime, generation=generation,
         device=device, latency=lat,
         parameters=params, size_bytes=dir_bytes(ref.dir, WEIGHT_SUFFIXES),
         dir_bytes=dir_bytes(ref.dir), peak_rss_mb=round(mem.peak_mb, 1),
@@ -415,3 +423,16 @@ def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
                       speedup=round(float(np.median(ratios)), 3), low=min(ratios),
                       high=max(ratios), noisy=spread(ratios) > NOISY)
 
+
+def _lm_card(pred: Predictor, ref: ModelRef, data: TaskData, tokenizer: Any,
+             spec: EvaluationSpec, draft_for: ModelRef | None, trust_remote_code: bool
+             ) -> tuple[dict[str, float], dict[str, Any]]:
+    """compress.lm_eval.card_scores for this predictor, after the memory and latency
+    measurements (the draft target loaded here must not count as this model's memory)."""
+    target = None
+    if draft_for is not None and spec.decode is not None and spec.decode.draft and \
+            ref.format == "hf" and draft_for.format == "hf":
+        target = pred.model if draft_for.hash == ref.hash else load_model(
+            draft_for.path, "causal-lm", trust_remote_code=trust_remote_code)
+    return card_scores(pred.model, pred.logits, ref.format == "onnx", data, tokenizer, spec,
+                       draft_target=target)

@@ -30,6 +30,7 @@ from compress.artifact import (
     INFO_FILE,
     ModelRef,
     canonical_hash,
+    files_hash,
     read_ref,
     source_ref,
     write_ref,
@@ -57,12 +58,16 @@ from compress.report import (
     RunReport,
     StageCard,
     check_gates,
+    over_distillation,
     read_report,
 )
 from compress.report_io import earlier_runs, write_report
 from compress.stage import Progress, StageConfig, StageContext
 
 GateHook = Callable[["Plan", RunReport], Diagnosis | None]
+# A stage's facts may name side outputs: {folder name: card facts (and "parent", the id of the
+# model it grew from)}; each folder inside the output is a whole model, carded beside the stage.
+SIDE_OUTPUTS = "side_outputs"
 
 
 class PlannedStage(BaseModel):
@@ -178,12 +183,24 @@ def make_plan(recipe: Recipe) -> Plan:
         ref_onnx = _plan_stage(-1, exporter.model_copy(update={"name": None}), reference_hash,
                                root, data.fingerprint)
     threads = recipe.evaluation.latency.threads or default_threads()
+    probe = _probe_hash(recipe.evaluation.probe_data)
     eval_hash = canonical_hash(recipe.evaluation.model_dump(mode="json"), data.fingerprint,
-                               cpu_info()["model"], threads)
+                               cpu_info()["model"], threads, *([probe] if probe else []))
     return Plan(recipe=recipe, source=source, data_fingerprint=data.fingerprint,
                 num_labels=data.num_labels, train_size=len(data.train),
                 eval_size=len(data.eval), eval_hash=eval_hash, reference_index=ref_index,
                 stages=stages, reference_onnx=ref_onnx)
+
+
+def _probe_hash(path: str | None) -> str | None:
+    """The probe text's content hash (part of the evaluation's cache key), or a RecipeError
+    before any work when the file is missing."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"evaluation.probe_data: {path}: no such file")
+    return files_hash([p], p.parent)
 
 
 def plan_data(plan: Plan) -> TaskData:
@@ -206,7 +223,9 @@ def evaluate_cached(plan: Plan, ref: ModelRef, warnings: list[str] | None = None
     cache file is sealed with its own digest: a damaged one is set aside (named in `warnings`)
     and the model evaluated again."""
     root = Path(plan.recipe.output_root)
-    cache = root / "metrics" / f"{ref.short}-{plan.eval_hash[:12]}.json"
+    draft_for = _draft_target(plan)
+    key = canonical_hash(plan.eval_hash, draft_for.hash) if draft_for else plan.eval_hash
+    cache = root / "metrics" / f"{ref.short}-{key[:12]}.json"
     if cache.is_file():
         payload = manifest.unseal(cache.read_text(errors="replace"))
         try:
@@ -219,9 +238,20 @@ def evaluate_cached(plan: Plan, ref: ModelRef, warnings: list[str] | None = None
             warnings.append(f"metric cache {cache.name} was damaged: moved to {moved} and the "
                             "model evaluated again")
     m = evaluate(ref, plan_data(plan), plan.recipe.evaluation,
-                 trust_remote_code=plan.recipe.model.trust_remote_code)
+                 trust_remote_code=plan.recipe.model.trust_remote_code, draft_for=draft_for)
     atomic_write_text(cache, manifest.seal(m.model_dump(mode="json")))
     return m
+
+
+def _draft_target(plan: Plan) -> ModelRef | None:
+    """The model a causal LM's card drafts for (the reference), when the recipe measures it."""
+    decode = plan.recipe.evaluation.decode
+    if plan.recipe.model.task != "causal-lm" or decode is None or not decode.draft:
+        return None
+    try:
+        return reference_ref(plan)
+    except CompressError:  # not built yet (a model evaluated before the finetune stage ran)
+        return None
 
 
 def evaluate_reference(plan: Plan) -> StageCard:
@@ -286,9 +316,17 @@ def run_stage(plan: Plan, index: int, input_ref: ModelRef,
     info = json.loads((out / INFO_FILE).read_text()) if (out / INFO_FILE).is_file() else {}
     warnings += info.pop("warnings", [])
     metrics = evaluate_cached(plan, ref, warnings)
+    side = []
+    for name, side_info in info.get(SIDE_OUTPUTS, {}).items():
+        side_ref = read_ref(out / name)
+        if side_ref is None:
+            raise CompressError(f"{ps.name}: side output {name} has no lineage")
+        side.append(StageCard(name=f"{ps.name} ({name})", kind=ps.kind, index=ps.index,
+                              model=side_ref, metrics=evaluate_cached(plan, side_ref),
+                              info=side_info, reused=reused))
     return StageCard(name=ps.name, kind=ps.kind, index=ps.index, model=ref, metrics=metrics,
                      info=info, notes=ps.config.notes(info), reused=reused,
-                     seconds=info.get("seconds", 0.0), warnings=warnings)
+                     seconds=info.get("seconds", 0.0), warnings=warnings, side=side)
 
 
 def build_output(cfg: StageConfig, h: str, input_ref: ModelRef, ctx: StageContext,
@@ -301,6 +339,11 @@ def build_output(cfg: StageConfig, h: str, input_ref: ModelRef, ctx: StageContex
         info = cfg.apply(input_ref, ctx, tmp)
         info["seconds"] = round(time.perf_counter() - t0, 2)
         onnx_file = info.pop("onnx_file", None)
+        for name, side in info.get(SIDE_OUTPUTS, {}).items():  # each with a lineage of its own
+            write_ref(tmp / name, ModelRef(
+                path=str(out / name), format="hf", task=input_ref.task,
+                hash=canonical_hash(h, name), stage=cfg.kind, parent=side.get("parent"),
+                config=cfg.model_dump(mode="json")))
         atomic_write_text(tmp / INFO_FILE, json.dumps(info, indent=2, default=str))
         write_ref(tmp, ModelRef(path=str(out), format=cfg.output_format, task=input_ref.task,
                                 hash=h, stage=cfg.kind, parent=input_ref.hash,
@@ -485,6 +528,9 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
                     report.reference_onnx is None:
                 report.reference_onnx = run_stage(plan, -1, report.reference.model, progress)
                 record(report.reference_onnx)
+            share = plan.recipe.evaluation.probe_warn_increase
+            for c in (card, *card.side):
+                c.warnings += [w for w in [over_distillation(report.reference, c, share)] if w]
             report.stages.append(card)
             record(card)
     except BaseException as e:

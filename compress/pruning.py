@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from compress.arch import DecoderLayout, EncoderLayout, Layout
-from compress.data import TaskData, encode_lm
+from compress.data import TaskData, encode
 from compress.errors import StageError, first_line
 from compress.evaluate import linear_macs_per_token
 from compress.models import load_model
@@ -126,6 +126,15 @@ def _layer_scores(model: Any, lay: Layout, batches: list[dict[str, Any]], kind: 
         handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
     tokens = _hooked_pass(model, lay, batches, handles, state)
     return [float(s) / max(tokens, 1.0) for s in sums]
+
+
+def _rows(w: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start:stop of a fused weight as a tensor of its own, its gradient's rows attached
+    (so `_score`'s taylor importance reads them as it reads a whole weight's)."""
+    part = w.detach()[start:stop].clone()
+    if w.grad is not None:
+        part.grad = w.grad[start:stop].clone()
+    return part
 
 
 def _score(weights: list[tuple[torch.Tensor, int]], importance: str, n: int,
@@ -244,20 +253,28 @@ def prune_decoder_heads(lay: DecoderLayout, ratio: float, importance: str,
                              nkv) if importance == "activation" else None)
     heads_removed: dict[int, list[int]] = {}
     groups_removed: dict[int, list[int]] = {}
+    nq = nh * d  # query rows; a fused qkv_proj (Phi-3) holds rows [q | k | v]
     for li, layer in enumerate(lay.layers):
         q, k_, v, o = lay.attention(layer)
+        if lay.fused_qkv:
+            qw, kw, vw = (_rows(q.weight, 0, nq), _rows(q.weight, nq, nq + nkv * d),
+                          _rows(q.weight, nq + nkv * d, nq + 2 * nkv * d))
+        else:
+            qw, kw, vw = q.weight, k_.weight, v.weight
         if acts is not None:
             scores = acts[li]
         else:
-            scores = _score([(q.weight, 0), (k_.weight, 0), (v.weight, 0), (o.weight, 1)],
-                            importance, nkv, gen)
+            scores = _score([(qw, 0), (kw, 0), (vw, 0), (o.weight, 1)], importance, nkv, gen)
         worst = sorted(torch.argsort(scores)[:k].tolist())
         keep = [g for g in range(nkv) if g not in worst]
         q_idx = torch.tensor([i for g in keep for i in range(g * r * d, (g + 1) * r * d)])
         kv_idx = torch.tensor([i for g in keep for i in range(g * d, (g + 1) * d)])
-        _slice_linear(q, q_idx, 0)
-        _slice_linear(k_, kv_idx, 0)
-        _slice_linear(v, kv_idx, 0)
+        if lay.fused_qkv:
+            _slice_linear(q, torch.cat([q_idx, nq + kv_idx, nq + nkv * d + kv_idx]), 0)
+        else:
+            _slice_linear(q, q_idx, 0)
+            _slice_linear(k_, kv_idx, 0)
+            _slice_linear(v, kv_idx, 0)
         _slice_linear(o, q_idx, 1)
         attn = layer.self_attn
         attn.head_dim = d  # unchanged; num_key_value_groups (= r) is unchanged too
@@ -303,6 +320,8 @@ def prune_ffn(lay: Layout, ratio: float, round_to: int, importance: str,
     model = lay.model
     width = getattr(model.config, lay.ffn_key)
     keep = ffn_keep(width, ratio, round_to)
+    if lay.fused_gate_up:
+        return _prune_fused_ffn(lay, width, keep, importance, gen, batches)
     imp = _group_importance(importance)
     per_layer = lay.ffn_block(lay.layers[0]) is not None
     if per_layer:  # one small graph per FFN module (a whole-decoder graph can hang)
@@ -338,6 +357,27 @@ def prune_ffn(lay: Layout, ratio: float, round_to: int, importance: str,
     return keep
 
 
+def _prune_fused_ffn(lay: Layout, width: int, keep: int, importance: str,
+                     gen: torch.Generator, batches: Any) -> int:
+    """A fused gate_up_proj (rows [gate | up]): channel i is gate row i, up row width + i and
+    down column i; sliced by hand (the dependency graph cannot see through the chunk)."""
+    model = lay.model
+    if importance == "taylor":
+        calibrate_gradients(model, batches())
+    acts = (_mean_abs_inputs(model, lay, batches(), [lay.ffn_down(x) for x in lay.layers], width)
+            if importance == "activation" else None)
+    for li, layer in enumerate(lay.layers):
+        gu, down = lay.ffn_up(layer), lay.ffn_down(layer)
+        scores = acts[li] if acts is not None else _score(
+            [(_rows(gu.weight, 0, width), 0), (_rows(gu.weight, width, 2 * width), 0),
+             (down.weight, 1)], importance, width, gen)
+        kept = torch.sort(torch.argsort(scores.float(), descending=True)[:keep]).values
+        _slice_linear(gu, torch.cat([kept, width + kept]), 0)
+        _slice_linear(down, kept, 1)
+    setattr(model.config, lay.ffn_key, keep)
+    return keep
+
+
 # --- MACs --------------------------------------------------------------------------------------
 
 def count_macs(model: Any, length: int) -> tuple[int, str]:
@@ -363,7 +403,7 @@ def _check_batch(data: TaskData, tok: Any, lay: Layout) -> dict[str, torch.Tenso
         return dict(tok(list(data.eval["text"][:4]), return_tensors="pt", padding=True,
                         truncation=True, max_length=data.spec.max_length))
     ev = data.eval
-    enc = encode_lm(ev.select(range(min(len(ev), 32))), tok, data.spec.max_length)
+    enc = encode(ev.select(range(min(len(ev), 32))), tok, data.spec.max_length)
     first = enc[0]
     return {"input_ids": torch.tensor([first["input_ids"]]),
             "attention_mask": torch.tensor([first["attention_mask"]])}

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from compress import search_spec
 from compress.errors import RecipeError
+from compress.metrics import CLASSIFICATION, LM_TEXT, default_metric
 from compress.spec import DataSpec, DiagnoseSpec, EvaluationSpec, Gates, ModelSpec, Strict
 from compress.stage import StageConfig
 from compress.stages import registry
@@ -40,8 +41,8 @@ class Recipe(Strict):
 
     @property
     def metric(self) -> str:
-        default = "accuracy" if self.model.task == "sequence-classification" else "perplexity"
-        return self.evaluation.metric or default
+        return self.evaluation.metric or default_metric(self.model.task,
+                                                        self.data.prompt_column is not None)
 
     @model_validator(mode="after")
     def _stage_order(self) -> Recipe:
@@ -60,12 +61,43 @@ class Recipe(Strict):
                                  "before it")
             if st.output_format == "onnx" and onnx_at is None:
                 onnx_at = i
-        if self.model.task == "causal-lm" and self.metric != "perplexity":
+        if self.model.task == "causal-lm" and self.metric in CLASSIFICATION:
             raise ValueError(f"evaluation.metric: {self.metric} needs task "
                              "sequence-classification")
-        if self.model.task == "sequence-classification" and self.metric == "perplexity":
-            raise ValueError("evaluation.metric: perplexity needs task causal-lm")
+        if self.model.task == "sequence-classification" and self.metric not in CLASSIFICATION:
+            raise ValueError(f"evaluation.metric: {self.metric} needs task causal-lm")
+        self._lm_rules()
         return self
+
+    def _lm_rules(self) -> None:
+        """Prompt/response data, its metrics, the probe: what needs what."""
+        d, ev, lm = self.data, self.evaluation, self.model.task == "causal-lm"
+        pairs = d.prompt_column is not None
+        if (d.prompt_column is None) != (d.response_column is None):
+            raise ValueError("data.prompt_column and data.response_column go together: a pair "
+                             "needs both")
+        if pairs and not lm:
+            raise ValueError("data.prompt_column: prompt/response pairs need model.task "
+                             "causal-lm")
+        if lm and pairs and self.metric == "perplexity":
+            raise ValueError("evaluation.metric: perplexity scores plain text; on "
+                             "prompt/response data use response_perplexity")
+        if lm and not pairs and self.metric not in LM_TEXT:
+            raise ValueError(f"evaluation.metric: {self.metric} needs prompt/response data "
+                             "(data.prompt_column and data.response_column)")
+        if ev.choices and not pairs:
+            raise ValueError("evaluation.choices: needs prompt/response data "
+                             "(data.prompt_column and data.response_column)")
+        if self.metric == "choice_accuracy" and not ev.choices:
+            raise ValueError("evaluation.metric: choice_accuracy needs evaluation.choices")
+        if ev.probe_data and not lm:
+            raise ValueError("evaluation.probe_data: the probe is a perplexity; it needs "
+                             "model.task causal-lm")
+        if (self.metric == "probe_perplexity" or self.gates.max_probe_increase is not None) \
+                and not ev.probe_data:
+            what = "gates.max_probe_increase" if self.gates.max_probe_increase is not None \
+                else "evaluation.metric: probe_perplexity"
+            raise ValueError(f"{what} needs evaluation.probe_data (a general text to probe)")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -180,6 +212,9 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         update={
             "model": recipe.model.model_copy(update={"path": resolve(recipe.model.path)}),
             "data": recipe.data.model_copy(update={"path": resolve(recipe.data.path)}),
+            "evaluation": recipe.evaluation.model_copy(update={"probe_data": resolve(
+                recipe.evaluation.probe_data)}) if recipe.evaluation.probe_data else
+            recipe.evaluation,
             "stages": [st.resolve_paths(resolve) for st in recipe.stages],
             "output_root": str((Path.cwd() / recipe.output_root).resolve()),
         }

@@ -74,7 +74,7 @@ def _data_lines(report: RunReport) -> list[str]:
 
 def _notes(report: RunReport) -> list[str]:
     notes = []
-    for c in report.stages:
+    for c in [x for s in report.stages for x in (s, *s.side)]:  # side outputs have notes too
         parity = c.info.get("parity")
         if parity:
             notes.append(f"- {c.name}: ONNX vs {parity.get('against', 'PyTorch')} max "

@@ -36,6 +36,9 @@ class StageCard(BaseModel):
     reused: bool = False  # True when this run found the output already made
     seconds: float = 0.0  # how long the stage took when it ran
     warnings: list[str] = []
+    # side outputs (a co-distilled peer): whole models of their own inside this stage's output
+    # folder, carded beside it; never the next stage's input, never the final model
+    side: list[StageCard] = []
 
 
 class GateResult(BaseModel):
@@ -105,7 +108,8 @@ class RunReport(BaseModel):
 
     def cards(self) -> list[StageCard]:
         """Reference, reference in ONNX Runtime, then every stage: the table's rows."""
-        return [c for c in (self.reference, self.reference_onnx) if c] + self.stages
+        return [c for c in (self.reference, self.reference_onnx) if c] + \
+            [x for c in self.stages for x in (c, *c.side)]
 
     def like_for_like(self, card: StageCard) -> StageCard | None:
         """The reference card measured in the same runtime as `card`."""
@@ -206,6 +210,8 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
                               message=f"perplexity {ref.metrics.value:.2f} -> "
                                       f"{final.metrics.value:.2f}: {rise:+.1%} "
                                       f"(allowed +{gates.max_perplexity_increase:.1%})"))
+    if gates.max_probe_increase is not None:
+        out.append(_probe_gate(ref.metrics, final.metrics, gates.max_probe_increase))
     if gates.min_size_reduction is not None:
         out.append(GateResult(gate="min_size_reduction",
                               passed=d["size_ratio"] >= gates.min_size_reduction,
@@ -228,6 +234,40 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
                                   message=f"{speed:.2f}x faster at batch 1, p50 ({how}; "
                                           f"required {gates.min_speedup:g}x)"))
     return [g for g in out if g is not None]
+
+
+def _probe_gate(ref: Metrics, final: Metrics, allowed: float) -> GateResult | None:
+    before, after = ref.scores.get(PROBE), final.scores.get(PROBE)
+    if before is None or after is None:
+        return None
+    rise = METRICS[PROBE].loss(before, after)
+    return GateResult(gate="max_probe_increase", passed=rise <= allowed, value=round(rise, 4),
+                      threshold=allowed, message=f"probe perplexity {before:.2f} -> {after:.2f}:"
+                      f" {rise:+.1%} (allowed +{allowed:.1%})")
+
+
+PROBE = "probe_perplexity"
+# "The task metric holds": it lost at most this much (points, or a share for relative metrics)
+HOLDS = {"points": 2.0, "relative": 0.05}
+
+
+def over_distillation(ref: StageCard, card: StageCard, warn_share: float) -> str | None:
+    """A warning when the probe's perplexity rose by more than `warn_share` over the reference
+    while the card's task metric held: the student kept the task and lost general language,
+    which a task benchmark alone would never show."""
+    before, after = ref.metrics.scores.get(PROBE), card.metrics.scores.get(PROBE)
+    task = METRICS[card.metrics.metric]
+    if before is None or after is None or card.metrics.metric == PROBE or \
+            card.metrics.metric not in ref.metrics.all_scores():
+        return None
+    rise = METRICS[PROBE].loss(before, after)
+    lost = task.loss(ref.metrics.all_scores()[task.name], card.metrics.value)
+    if rise <= warn_share or lost > HOLDS[task.change]:
+        return None
+    return (f"over-distillation: probe perplexity {before:.2f} -> {after:.2f} ({rise:+.0%}, "
+            f"warned above +{warn_share:.0%}) while {task.name} held "
+            f"({task.describe_change(ref.metrics.all_scores()[task.name], card.metrics.value)}):"
+            " the task was kept at the cost of general language")
 
 
 def run_folders(recipe_dir: Path) -> list[Path]:

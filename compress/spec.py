@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Task = Literal["sequence-classification", "causal-lm"]
 
@@ -29,8 +29,9 @@ class ModelSpec(Strict):
 
 
 class DataSpec(Strict):
-    """Classification: a text (and label) column. Causal LM: the text column only; the text is
-    tokenized, concatenated and cut into blocks of `max_length` tokens."""
+    """Classification: a text (and label) column. Causal LM: the text column, tokenized,
+    concatenated and cut into blocks of `max_length` tokens; or prompt/response pairs
+    (`prompt_column` + `response_column`), where losses and distillation cover the response."""
 
     path: str = Field(description="Local CSV/TSV/JSON(L)/Parquet/text file, or a hub dataset id.")
     format: Literal["auto", "csv", "json", "parquet", "text"] = "auto"
@@ -41,10 +42,29 @@ class DataSpec(Strict):
     train_split: str = "train"
     eval_split: str | None = Field(None, description="Named eval split; default: eval_fraction.")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    prompt_column: str | None = Field(None, description="Causal LM: the prompt of each "
+                                      "prompt/response pair (with response_column).")
+    response_column: str | None = Field(None, description="Causal LM: the target response.")
+    template: str = Field("{prompt}", description="How a prompt is asked: '{prompt}' is "
+                          "replaced, e.g. 'Review: {prompt}\\nSentiment:'.")
+    chat_template: bool = Field(True, description="Wrap the templated prompt in the "
+                                "tokenizer's chat template (user turn) when it has one.")
     max_length: int = Field(128, ge=8, le=8192)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
     seed: int = 0
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt(cls, v: str) -> str:
+        return has_prompt_placeholder(v, "each prompt")
+
+
+def has_prompt_placeholder(template: str, what: str) -> str:
+    """A template that will be filled with prompts must say where they go."""
+    if "{prompt}" not in template:
+        raise ValueError(f"must contain {{prompt}}, where {what} goes")
+    return template
 
 
 class LatencySpec(Strict):
@@ -61,10 +81,40 @@ class LatencySpec(Strict):
         "this many rounds.")
 
 
+class DecodeSpec(Strict):
+    """Causal LMs: generation speed as a user feels it, and the model as a draft for the
+    reference (compress.decode), on every card."""
+
+    prompt_tokens: int = Field(32, ge=1)
+    new_tokens: int = Field(32, ge=2)
+    runs: int = Field(3, ge=1)
+    draft: bool = Field(True, description="Acceptance rate and speed-up when this model drafts "
+                        "for the reference in assisted generation (PyTorch models only).")
+    draft_prompts: int = Field(2, ge=1, description="Eval prompts the reference answers.")
+    draft_tokens: int = Field(32, ge=2)
+    assistant_tokens: int = Field(5, ge=1, description="Tokens the draft proposes per step.")
+
+
 class EvaluationSpec(Strict):
-    metric: Literal["accuracy", "macro_f1", "f1", "perplexity"] | None = Field(
+    metric: Literal["accuracy", "macro_f1", "f1", "perplexity", "answer_accuracy",
+                    "choice_accuracy", "response_perplexity", "probe_perplexity"] | None = Field(
         None, description="The card's metric; default: accuracy for classifiers, perplexity "
-        "for causal LMs. macro_f1 and f1 (of positive_label) suit imbalanced data.")
+        "for causal LMs on text, answer_accuracy on prompt/response data. macro_f1 and f1 (of "
+        "positive_label) suit imbalanced data.")
+    choices: list[str] | None = Field(
+        None, min_length=2, description="Causal LMs on prompt/response data: the possible "
+        "answers; choice_accuracy picks the one the model gives the highest log-likelihood.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer scored by "
+                                "answer_accuracy (fewer when every eval response is shorter).")
+    probe_data: str | None = Field(
+        None, description="Causal LMs: a general text (e.g. hamlet.txt) whose perplexity every "
+        "card shows: the over-distillation probe.")
+    probe_tokens: int = Field(8192, ge=16, description="Tokens of probe_data scored.")
+    probe_warn_increase: float = Field(
+        0.2, ge=0, description="Warn when probe perplexity rises more than this share (0.2 = "
+        "+20%) over the reference while the task metric holds.")
+    decode: DecodeSpec | None = Field(DecodeSpec(), description="Causal LMs: decode tokens/s, "
+                                      "time to first token, draft acceptance; null: off.")
     positive_label: str | int | None = Field(
         None, description="The positive class for f1 (a class name or id); default for two "
         "classes: class 1.")
@@ -98,6 +148,9 @@ class Gates(Strict):
     max_perplexity_increase: float | None = Field(None, ge=0, description="Relative, 0.1 = +10%.")
     min_size_reduction: float | None = Field(None, gt=0, description="Reference bytes / final.")
     min_speedup: float | None = Field(None, gt=0, description="Reference p50 / final p50, batch 1.")
+    max_probe_increase: float | None = Field(
+        None, ge=0, description="Causal LMs: probe perplexity (evaluation.probe_data), "
+        "relative, 0.5 = +50%: how much general ability the task may cost.")
 
 
 class DiagnoseSpec(Strict):

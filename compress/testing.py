@@ -76,35 +76,62 @@ def make_text_file(path: Path, lines: int = 400, seed: int = 0) -> Path:
     return path
 
 
-def _word_tokenizer(path: Path) -> object:
-    """A word-level fast tokenizer over our vocabulary, with eos/pad/unk (for tiny LMs)."""
+def _word_tokenizer(path: Path, vocab_seed: int | None = None) -> object:
+    """A word-level fast tokenizer over our vocabulary, with eos/pad/unk (for tiny LMs).
+    `vocab_seed`: the words in another order plus a few more, i.e. another tokenizer for the
+    same text (what a model of another family has)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", ".", *WORDS])}
+    words = list(WORDS)
+    if vocab_seed is not None:
+        random.Random(vocab_seed).shuffle(words)
+        words += ["because", "so", "it"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", ".", *words])}
     t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>")
 
 
+def make_pairs_csv(path: Path, rows: int = 300, seed: int = 0) -> Path:
+    """Prompt/response pairs for causal-LM tests: the response ("good" or "bad") says which word
+    list the prompt's adjectives come from."""
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(rows):
+        good = i % 2 == 0
+        adj = rng.sample(POSITIVE if good else NEGATIVE, 2)
+        out.append([f"the {rng.choice(['movie', 'film', 'story'])} was {adj[0]} and {adj[1]} .",
+                    "good" if good else "bad"])
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["prompt", "response"], *out])
+    return path
+
+
 def make_tiny_llama(path: Path, *, layers: int = 4, heads: int = 4, kv_heads: int = 2,
                     hidden: int = 64, ffn: int = 128, model_type: str = "llama",
-                    seed: int = 0) -> Path:
-    """A Llama-family causal LM (llama, qwen2, mistral) with random weights; GQA when
-    kv_heads < heads. Tied embeddings like SmolLM2."""
+                    seed: int = 0, vocab_seed: int | None = None) -> Path:
+    """A decoder LM with random weights: Llama family (llama, qwen2, mistral, qwen3,
+    gemma3_text) or Phi-3 (phi3); GQA when kv_heads < heads. Tied embeddings like SmolLM2.
+    `vocab_seed` gives it a tokenizer of its own (see `_word_tokenizer`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = _word_tokenizer(path)
+    tok = _word_tokenizer(path, vocab_seed)
     torch.manual_seed(seed)
+    extra = {"head_dim": hidden // heads} if model_type in ("qwen3", "gemma3_text") else {}
+    if model_type == "gemma3_text":  # its default query scale is for 256-wide heads
+        extra["query_pre_attn_scalar"] = hidden // heads
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
         max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
     AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     return path

@@ -94,6 +94,37 @@ def lm(**stage_kw):
     return edit
 
 
+def lm_pairs(stages: list | None = None, data_kw: dict | None = None,
+             eval_kw: dict | None = None, gates: dict | None = None, text: bool = False
+             ) -> Callable[[dict, Path], None]:
+    """A tiny Llama on prompt/response pairs (or, with `text`, on plain text)."""
+    def edit(d: dict, tmp: Path) -> None:
+        from compress.testing import make_pairs_csv, make_text_file, make_tiny_llama
+
+        d["model"] = {"path": str(make_tiny_llama(tmp / "llama")), "task": "causal-lm"}
+        if text:
+            d["data"] = {"path": str(make_text_file(tmp / "text.txt", lines=60)),
+                         "max_length": 16}
+        else:
+            d["data"] = {"path": str(make_pairs_csv(tmp / "pairs.csv", rows=60)),
+                         "prompt_column": "prompt", "response_column": "response",
+                         "max_length": 24}
+        d["data"].update(data_kw or {})
+        d["evaluation"].update(eval_kw or {})
+        if gates:
+            d["gates"] = gates
+        d["stages"] = stages or [{"kind": "distill", "max_steps": 1}]
+    return edit
+
+
+def other_tokenizer_student(d: dict, tmp: Path) -> None:
+    from compress.testing import make_tiny_llama
+
+    lm_pairs()(d, tmp)
+    d["stages"] = [{"kind": "distill", "max_steps": 1, "student": str(
+        make_tiny_llama(tmp / "other", layers=2, vocab_seed=3))}]
+
+
 def empty_dir(d: dict, tmp: Path) -> None:
     (tmp / "empty").mkdir()
     d["model"]["path"] = str(tmp / "empty")
@@ -328,6 +359,56 @@ CASES = [
     Case("lm-accuracy", "accuracy as the metric of a causal LM",
          lambda d, t: (lm(kind="distill")(d, t), d["evaluation"].update(metric="accuracy")),
          "evaluation.metric: accuracy needs task sequence-classification"),
+    Case("pairs-half", "a prompt column without a response column",
+         lm_pairs(data_kw={"response_column": None}),
+         "data.prompt_column and data.response_column go together"),
+    Case("pairs-classifier", "prompt/response columns for a classifier",
+         lambda d, t: d["data"].update(prompt_column="text", response_column="label"),
+         "data.prompt_column: prompt/response pairs need model.task causal-lm"),
+    Case("prompt-column-missing", "a prompt column the data does not have",
+         lm_pairs(data_kw={"prompt_column": "question"}),
+         "data.prompt_column: column 'question' not in the data (columns: prompt, response)"),
+    Case("template-placeholder", "a prompt template without {prompt}",
+         lm_pairs(data_kw={"template": "Review:"}), "data.template: must contain {prompt}"),
+    Case("pairs-perplexity", "perplexity as the metric of prompt/response data",
+         lm_pairs(eval_kw={"metric": "perplexity"}),
+         "evaluation.metric: perplexity scores plain text; on prompt/response data use "
+         "response_perplexity"),
+    Case("answer-metric-text", "answer accuracy on plain text",
+         lm_pairs(eval_kw={"metric": "answer_accuracy"}, text=True),
+         "evaluation.metric: answer_accuracy needs prompt/response data"),
+    Case("choices-missing", "choice accuracy without choices",
+         lm_pairs(eval_kw={"metric": "choice_accuracy"}),
+         "evaluation.metric: choice_accuracy needs evaluation.choices"),
+    Case("probe-missing", "a probe text that does not exist",
+         lm_pairs(eval_kw={"probe_data": "/nonexistent/probe.txt"}),
+         "evaluation.probe_data: /nonexistent/probe.txt: no such file"),
+    Case("probe-classifier", "a perplexity probe for a classifier",
+         lambda d, t: d["evaluation"].update(probe_data="/nonexistent/probe.txt"),
+         "evaluation.probe_data: the probe is a perplexity; it needs model.task causal-lm"),
+    Case("probe-gate-alone", "a probe gate without a probe",
+         lm_pairs(gates={"max_probe_increase": 0.5}),
+         "gates.max_probe_increase needs evaluation.probe_data"),
+    Case("sequence-level-text", "sequence-level KD on plain text",
+         lm_pairs([{"kind": "distill", "alpha": 0.0, "sequence_level": {}}], text=True),
+         "stages[0] (distill).sequence_level: the teacher answers prompts; it needs "
+         "prompt/response data"),
+    Case("augment-pairs", "teacher-continued text on prompt/response data",
+         lm_pairs([{"kind": "distill", "augment": {"prompts": 2}}]),
+         "distill).augment: continues plain training text; on prompt/response data use "
+         "sequence_level"),
+    Case("student-not-a-model", "a distill student that is not a model folder",
+         lm_pairs([{"kind": "distill", "student": "/nonexistent/student"}]),
+         "(distill): student: /nonexistent/student is not a model folder"),
+    Case("mutual-cached", "co-distillation with a cached teacher",
+         lm_pairs([{"kind": "distill", "mutual": True, "teacher_cache": True}]),
+         "mutual: the teacher trains with the student, so it cannot be cached"),
+    Case("rationale-placeholder", "a rationale instruction without {prompt}",
+         lm_pairs([{"kind": "distill", "rationale": {"instruction": "Explain."}}]),
+         "rationale.instruction: must contain {prompt}"),
+    Case("student-other-tokenizer", "soft KD into a student with another tokenizer",
+         other_tokenizer_student, "use sequence_level and alpha 0 (hard-label KD needs no "
+         "shared vocabulary)", exit=1, command="run"),
     Case("unwritable-output", "an output root that cannot be written",
          lambda d, t: d.update(output_root="/proc/compress-outputs"),
          "output_root: cannot write to /proc/compress-outputs"),

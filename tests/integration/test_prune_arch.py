@@ -197,7 +197,8 @@ def test_unsupported_architecture_is_named(tmp_path, text_data):
     tok.save_pretrained(path)
     # refused when the recipe is planned, before any work (the layout refuses it too)
     with pytest.raises(RecipeError, match=r"stages\[0\] \(prune\): architecture 'gpt2' is not "
-                       r"supported \(supported: bert, .*distilbert, llama, mistral, qwen2\)"):
+                       r"supported \(supported: bert, .*distilbert, llama, mistral, qwen2, "
+                       r"qwen3, gemma3_text, phi3\)"):
         run_prune(tmp_path, path, text_data, {"ffn": 0.5}, task="causal-lm")
     from compress.arch import layout_for
 
