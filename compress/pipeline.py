@@ -431,30 +431,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
-            run_stage: Callable[..., StageCard] = run_stage,
-            evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
-            on_card: Callable[[RunReport, StageCard | None], None] | None = None,
-            on_gate_failure: GateHook | None = None,
-            progress: Progress | None = None, keep_going: bool = False,
-            publish: bool = True) -> RunReport:
-    """Run every stage in order, writing the report after each; check gates at the end.
-
-    The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
-    report (status failed, the error) before it propagates, an interruption as status
-    interrupted; earlier outputs stay where they are. When a gate fails and the recipe asks for
-    it, `on_gate_failure` adds a diagnosis. `on_card(report, card)` sees every card, and once
-    more with card None when the report is final (status, gates). `publish=False` leaves
-    `latest/` alone (a search's trials: only the best one is published, by the search).
-    """
-    with recipe_lock(Path(reports_root), plan.recipe.name):
-        return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
-                        evaluate_reference=evaluate_reference, on_card=on_card,
-                        on_gate_failure=on_gate_failure, progress=progress, publish=publish,
-                        keep_going=keep_going)
-
-
-def _head_to_head(plan: Plan, report: RunReport) -> HeadToHead | None:
+def time_final(plan: Plan, report: RunReport) -> HeadToHead | None:
     """The final card against its like-for-like reference, timed in turns (None: nothing to
     compare, e.g. a torch final with only an ONNX reference, or no compression stage)."""
     final = report.final
@@ -465,6 +442,32 @@ def _head_to_head(plan: Plan, report: RunReport) -> HeadToHead | None:
     return head_to_head(ref.model, final.model, plan_data(plan), plan.recipe.evaluation,
                         names=(ref.name, final.name),
                         trust_remote_code=plan.recipe.model.trust_remote_code)
+
+
+def execute(plan: Plan, reports_root: Path, *, run_id: str | None = None,
+            run_stage: Callable[..., StageCard] = run_stage,
+            evaluate_reference: Callable[[Plan], StageCard] = evaluate_reference,
+            time_final: Callable[[Plan, RunReport], HeadToHead | None] = time_final,
+            on_card: Callable[[RunReport, StageCard | None], None] | None = None,
+            on_gate_failure: GateHook | None = None,
+            progress: Progress | None = None, keep_going: bool = False,
+            publish: bool = True) -> RunReport:
+    """Run every stage in order, writing the report after each; check gates at the end.
+
+    The report folder is reports_root/<recipe>/<run_id>. A stage failure is recorded in the
+    report (status failed, the error) before it propagates, an interruption as status
+    interrupted; earlier outputs stay where they are. When a gate fails and the recipe asks for
+    it, `on_gate_failure` adds a diagnosis. `time_final` times the final model against its
+    reference for the card and the min_speedup gate. `on_card(report, card)` sees every card,
+    and once more with card None when the report is final (status, gates). `publish=False` leaves
+    `latest/` alone (a search's trials: only the best one is published, by the search).
+    """
+    with recipe_lock(Path(reports_root), plan.recipe.name):
+        return _execute(plan, Path(reports_root), run_id=run_id, run_stage=run_stage,
+                        evaluate_reference=evaluate_reference, time_final=time_final,
+                        on_card=on_card,
+                        on_gate_failure=on_gate_failure, progress=progress, publish=publish,
+                        keep_going=keep_going)
 
 
 def mark_interrupted_runs(recipe_dir: Path) -> list[str]:
@@ -488,6 +491,7 @@ def mark_interrupted_runs(recipe_dir: Path) -> list[str]:
 
 def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
              run_stage: Callable[..., StageCard], evaluate_reference: Callable[[Plan], StageCard],
+             time_final: Callable[[Plan, RunReport], HeadToHead | None],
              on_card: Callable[[RunReport, StageCard | None], None] | None,
              on_gate_failure: GateHook | None, progress: Progress | None,
              keep_going: bool, publish: bool) -> RunReport:
@@ -541,7 +545,7 @@ def _execute(plan: Plan, reports_root: Path, *, run_id: str | None,
             else f"{type(e).__name__}: {e}"
         record(None)
         raise
-    report.head_to_head = _head_to_head(plan, report)
+    report.head_to_head = time_final(plan, report)
     report.gates = check_gates(report, plan.recipe.gates)
     failed = [g for g in report.gates if not g.passed]
     report.status = "failed" if failed else "passed"  # --keep-going changes the exit, not this

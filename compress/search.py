@@ -60,7 +60,15 @@ from compress.locks import exclusive
 from compress.metrics import CLASSIFICATION, METRICS
 from compress.pipeline import Plan, execute, make_plan, publish_latest, recipe_lock
 from compress.recipe import Recipe, parse_recipe
-from compress.report import RunReport, StageCard, check_gates, deltas, p50, read_report
+from compress.report import (
+    HeadToHead,
+    RunReport,
+    StageCard,
+    check_gates,
+    deltas,
+    p50,
+    read_report,
+)
 from compress.search_report import (
     SearchResult,
     TrialRow,
@@ -675,6 +683,7 @@ class Search:
 
     def run_trial(self, *, run_stage: Callable[..., StageCard] = pipeline.run_stage,
                   evaluate_reference: Callable[[Plan], StageCard] = pipeline.evaluate_reference,
+                  time_final: Callable[[Plan, RunReport], HeadToHead | None] = pipeline.time_final,
                   on_card: Callable[[RunReport, StageCard | None], None] | None = None,
                   on_start: Callable[[int, str], None] | None = None,
                   say: Callable[[str], None] | None = None) -> TrialRow | None:
@@ -708,7 +717,8 @@ class Search:
                 watch(report, card)
 
             report = execute(watch.plan, self.trials_dir, run_stage=run_stage,
-                             evaluate_reference=evaluate_reference, on_card=both,
+                             evaluate_reference=evaluate_reference, time_final=time_final,
+                             on_card=both,
                              keep_going=True, publish=False)
             self._finish(trial, watch, report, time.monotonic() - t0)
         except TrialPruned as e:
@@ -744,7 +754,7 @@ class Search:
                       "built": sum(not c.reused for c in cards),
                       "reused": sum(c.reused for c in cards),
                       # what a trial costs once the shared reference (the teacher) exists
-                      "own_seconds": round(max(seconds - teacher, 0.0), 1)}
+                      "own_seconds": round(max(seconds - teacher, 0.0), 3)}
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
 

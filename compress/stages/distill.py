@@ -236,9 +236,10 @@ class DistillConfig(TrainingConfig):
         s_n, t_n = _layers(student), _layers(teacher)
         if not (isinstance(s_n, int) and isinstance(t_n, int) and s_n < t_n):
             return None, 0.0, None
-        if self.teacher_cache or len(self.teachers) > 1 or self.mutual:
+        if self.teacher_cache or len(self.teachers) > 1 or self.mutual or self.student:
             why = ("the teacher cache keeps logits only" if self.teacher_cache else
-                   "the peer trains on logits" if self.mutual else "several teachers")
+                   "the peer trains on logits" if self.mutual else
+                   "the student is a model of its own" if self.student else "several teachers")
             return None, 0.0, f"layer matching off: {why}"
         origin = student.get("compress_layer_origin")
         layer_map = [(i + 1, o + 1) for i, o in enumerate(origin)] \
@@ -267,7 +268,7 @@ class DistillConfig(TrainingConfig):
         warnings: list[str] = []
         teacher_path = self.teachers[0].path if self.teachers else ctx.reference.path
         hidden, attention_weight, auto = self.matching(
-            _config(self.student or ref.path), _config(teacher_path), ref.task == "causal-lm")
+            _config(ref.path), _config(teacher_path), ref.task == "causal-lm")
         attn = "eager" if attention_weight else None  # SDPA returns no attention maps
         kwargs = {"attn_implementation": attn} if attn else {}
         student_path = self.student or ref.path

@@ -31,7 +31,8 @@ def test_two_processes_train_one_recipe_and_only_rank_0_writes(write_recipe, tmp
          str(recipe), "--reports-dir", str(tmp_path / "reports")],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    [run] = [p for p in (tmp_path / "reports" / "tiny").iterdir() if p.name != "latest"]
+    [run] = [p for p in (tmp_path / "reports" / "tiny").iterdir()
+             if p.name != "latest" and not p.name.startswith(".")]  # .lock: the recipe lock
     report = read_report(run)
     assert report.status == "passed"
     for card in (report.reference, report.stages[-1]):

@@ -72,6 +72,9 @@ class Fake:
     def evaluate_reference(self, plan):
         return self._card("reference", "reference", None, plan.source.hash, SOURCE, False)
 
+    def time_final(self, plan, report):
+        return None  # the fake models are not on disk: no head-to-head timing
+
 
 def make_search(write_recipe, tmp_path, space, *, gates=None, name="recipe.yaml",
                 stages=STAGES, **block) -> Search:
@@ -86,7 +89,8 @@ def run(search: Search, fake: Fake):
     search.open()
     rows = []
     while (row := search.run_trial(run_stage=fake.run_stage,
-                                   evaluate_reference=fake.evaluate_reference)) is not None:
+                                   evaluate_reference=fake.evaluate_reference,
+                       time_final=fake.time_final)) is not None:
         rows.append(row)
     return rows, search.finish()
 
@@ -308,7 +312,8 @@ def test_minutes_budget_starts_no_trial_that_would_end_late(write_recipe, tmp_pa
     s.open()
     fake = Fake(tmp_path)
     assert s.run_trial(run_stage=fake.run_stage,
-                       evaluate_reference=fake.evaluate_reference) is not None
+                       evaluate_reference=fake.evaluate_reference,
+                       time_final=fake.time_final) is not None
     own = s.study.trials[0].user_attrs["own_seconds"]
     assert 0 < own < 60 and s.more()
     s.started = time.time() - 60 + own / 2  # less time left than a trial takes
