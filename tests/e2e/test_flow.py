@@ -39,7 +39,8 @@ def test_flow_runs_every_stage_writes_cards_and_reuses_on_rerun(prefect_harness,
     assert not any(s["reused"] for s in card["stages"])
     assert card["reference"]["metrics"]["value"] >= 90  # the tiny task is learnable
     lat = card["stages"][-1]["metrics"]["latency"]
-    assert [x["batch_size"] for x in lat] == [1, 4] and lat[0]["threads"] >= 1
+    assert [(x["batch_size"], x["length"]) for x in lat] == [
+        (1, "max"), (4, "max"), (1, "median"), (1, "p95")] and lat[0]["threads"] >= 1
     assert lat[0]["p50_ms"] <= lat[0]["p90_ms"] <= lat[0]["p99_ms"]
     assert card["stages"][2]["info"]["parity"]["max_abs_diff"] < 1e-4
     assert card["gates"][0]["gate"] == "max_accuracy_drop" and card["gates"][0]["passed"]

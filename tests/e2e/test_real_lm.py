@@ -53,7 +53,8 @@ def test_smollm2_prune_distill_export_int4(assets, tmp_path):
     r = CliRunner().invoke(app, ["run", str(path), "--local", "--reports-dir",
                                  str(tmp_path / "reports")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    [run] = [p for p in (tmp_path / "reports" / "smollm2-small").iterdir() if p.name != "latest"]
+    [run] = [p for p in (tmp_path / "reports" / "smollm2-small").iterdir()
+             if p.name != "latest" and not p.name.startswith(".")]  # .lock: the recipe lock
     report = json.loads((run / "report.json").read_text())
     ref, prune, distill, export, quant = [report["reference"], *report["stages"]]
     for card in (ref, prune, distill, export, quant):
