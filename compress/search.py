@@ -867,6 +867,7 @@ class Search:
             res.best_recipe = str(self.folder / "best.yaml")
             atomic_write_text(Path(res.best_recipe), _yaml(raw, self._header(res.best)))
             res.published, res.publish_error = self._publish(res.trial(res.best), raw)
+            res.versus_written = self._versus_written(res, raw)
         for k, n in enumerate(res.closest, 1):
             atomic_write_text(self.folder / f"closest-{k}.yaml",
                               _yaml(self._recipe_of(n), self._header(n, closest=True)))
@@ -874,6 +875,34 @@ class Search:
         atomic_write_text(self.folder / "report.md", search_markdown(res))
         atomic_write_text(self.folder / "report.html", search_html(res))
         return res
+
+    def _versus_written(self, res: SearchResult, raw: dict[str, Any]) -> HeadToHead | None:
+        """The best trial's final model against the recipe as written, timed in turns in one
+        window: the trials' card latencies come from different moments, so the claim that the
+        search beat the hand-written recipe rests on this. None when there is no such pair (the
+        recipe as written is the best, did not complete, or its model is not on disk)."""
+        from compress.evaluate import head_to_head
+
+        assert res.best is not None
+        best = res.trial(res.best)
+        written = next((t for t in res.trials if t.baseline and t.state == "complete"), None)
+        if written is None or written.number == best.number:
+            return None
+        try:
+            a, b = (read_report(Path(t.report)).final for t in (written, best))
+            if a is None or b is None or a.metrics.runtime != b.metrics.runtime or \
+                    not all(Path(c.model.dir).is_dir() for c in (a, b)):
+                return None
+            plan = make_plan(parse_recipe(raw, "the best trial's recipe"))
+            return head_to_head(a.model, b.model, pipeline.plan_data(plan),
+                                plan.recipe.evaluation,
+                                names=(f"t{written.number:03d} (as written)",
+                                       f"t{best.number:03d}"),
+                                trust_remote_code=plan.recipe.model.trust_remote_code)
+        except (CompressError, OSError, ValueError) as e:
+            logging.getLogger(__name__).warning("best vs the recipe as written not timed: %s",
+                                                first_line(e))
+            return None
 
     def _header(self, number: int, closest: bool = False) -> str:
         what = "came closest to the gates (it misses one)" if closest else \

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 # The run page's plot frame and Pareto staircase, not a second copy.
 from compress.html_report import CSS, _e, front_path, pareto_front, plot_frame
 from compress.metrics import METRICS
+from compress.report import HeadToHead
 
 TrialState = Literal["complete", "pruned", "failed", "lost", "running", "waiting"]
 UNITS = {"latency": "p50 b1 ms", "size": "size MB", "macs": "GMACs"}
@@ -67,6 +68,7 @@ class SearchResult(BaseModel):
     best_recipe: str | None = None
     published: str | None = None
     publish_error: str | None = None
+    versus_written: HeadToHead | None = None  # best vs the recipe as written, timed in turns
     elapsed_s: float = 0.0  # this invocation
     started_at: str = ""
     finished_at: str = ""
@@ -190,6 +192,12 @@ def summary_lines(res: SearchResult) -> list[str]:
             out.append(f"the recipe as written: t{written.number:03d} "
                        f"({_headline(res, written)}"
                        + ("" if written.feasible else "; misses a gate") + ")")
+        h = res.versus_written
+        if h is not None:
+            out.append(f"best vs the recipe as written, timed in turns ({h.rounds} rounds, "
+                       f"batch 1, length {h.sequence_length}, {h.runtime}): {h.speedup:.2f}x "
+                       f"lower p50 (rounds {h.low:.2f}-{h.high:.2f}x"
+                       + ("; noisy" if h.noisy else "") + ")")
         if res.best_recipe:
             out.append(f"its recipe: {res.best_recipe}")
         if res.published:
