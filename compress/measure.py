@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
@@ -76,17 +77,26 @@ def latency_stats(samples_ms: list[float], **info: Any) -> Latency:
 
 
 def interleaved(calls: dict[str, Callable[[], Any]], *, rounds: int = 7, runs: int = 10,
-                warmup: int = 3) -> dict[str, list[float]]:
+                warmup: int = 3, min_round_s: float = 0.2) -> dict[str, list[float]]:
     """Per-round median milliseconds of each call, timed in turns (A, B, A, B, ...): both see
-    the same machine, so a ratio of them is not a ratio of two different moments."""
-    for fn in calls.values():
-        for _ in range(warmup):
+    the same machine, so a ratio of them is not a ratio of two different moments.
+
+    A round of each call lasts at least `min_round_s` (more runs for a fast call): ten runs of
+    a 1.5 ms model are 15 ms, short enough for one hiccup of another process (an embedded
+    Prefect server posting logs) to move the round's median, which read 1.4x-8.8x rounds for
+    one pair of models on a quiet 2-core machine."""
+    n: dict[str, int] = {}
+    for name, fn in calls.items():
+        for _ in range(max(warmup - 1, 0)):
             fn()
+        one = time_calls(fn, warmup=0, runs=1)[0] / 1000
+        n[name] = max(runs, math.ceil(min_round_s / max(one, 1e-6)))
     out: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
         order = list(calls) if r % 2 == 0 else list(reversed(calls))  # no fixed first mover
         for name in order:
-            out[name].append(float(np.median(time_calls(calls[name], warmup=0, runs=runs))))
+            out[name].append(float(np.median(time_calls(calls[name], warmup=0,
+                                                        runs=n[name]))))
     return out
 
 
