@@ -4,8 +4,9 @@ Decode speed is the number: time to first token and tokens/s while streaming (pr
 64 new tokens, batch 1, greedy), every variant timed in turns, round after round, in one window,
 so the speed-ups are ratios of the same moments. Perplexity is the card's (the demo's eval
 blocks). Variants, all ONNX Runtime on CPU:
-  fp32 (reference)            the original exported with its KV cache: the baseline
-  int4 rtn acc4 (reference)   the original, weight-only INT4 (block 32, int8 compute)
+  fp32 optimum (baseline)     the original exported by optimum with its KV cache: the baseline
+  fp32 (demo's reference)     the demo's own fp32 reference when it exports another way (genai)
+  int4 rtn acc4 (optimum graph)  optimum's export, weight-only INT4 (block 32, int8 compute)
   final (demo)                the demo's final model (its INT4 stage on its export)
   genai int4 (reference)      onnxruntime-genai's model builder on the original, INT4 by the
                               builder (lm_head float, block 32, asymmetric, accuracy_level 4)
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 GOAL_SPEEDUP, GOAL_PPL = 2.0, 0.25
-BASE, FINAL = "fp32 (reference)", "final (demo)"
+BASE, FINAL = "fp32 optimum (baseline)", "final (demo)"
+DEMO_REF = "fp32 (demo's reference)"
 PROMPT, NEW = 32, 64
 MISSING = "run `make demo-lm` first: benchmarks/edge_lm.py measures the demo's own models"
 
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from compress.models import load_tokenizer
     from compress.pipeline import make_plan, plan_data
     from compress.recipe import load_recipe
+    from compress.stages.export import ExportConfig
     from compress.stages.quantize import QuantizeConfig
 
     ap = argparse.ArgumentParser()
@@ -133,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # ORT does the work; torch only runs generate's bookkeeping
     root = Path(plan.recipe.output_root) / "bench-edge-lm"
     int4 = QuantizeConfig(method="int4", block_size=32, accuracy_level=4)
-    onnx = {BASE: ref_onnx,
-            "int4 rtn acc4 (reference)": build(plan, data, "reference-int4", int4, ref_onnx,
-                                               plan.source, root),
-            FINAL: outs[-1]}
+    # the baseline is optimum's fp32 export of the original, whatever the demo's export route:
+    # the project's reference before the genai route existed, and the issue's
+    optimum = build(plan, data, "reference-optimum", ExportConfig(atol=1e-3, parity_samples=8),
+                    plan.source, plan.source, root)
+    onnx = {BASE: optimum}
+    if ref_onnx.hash != optimum.hash:
+        onnx[DEMO_REF] = ref_onnx
+    onnx |= {"int4 rtn acc4 (optimum graph)": build(plan, data, "reference-int4", int4, optimum,
+                                                   plan.source, root),
+             FINAL: outs[-1]}
     tok = load_tokenizer(plan.source.path)
     blocks = [list(r["input_ids"]) for r in encode(data.eval, tok, data.spec.max_length)]
     prompt = torch.tensor([blocks[0][:PROMPT]])
@@ -189,8 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in (FINAL, "genai int4 (student)") if n in verdicts]:
         x, rise = verdicts[name]
         ok = x >= GOAL_SPEEDUP and rise <= GOAL_PPL
-        print(f"goal, {name}: decode {x:.2f}x the fp32 reference (>= {GOAL_SPEEDUP:g}x), "
+        print(f"goal, {name}: decode {x:.2f}x the fp32 optimum export (>= {GOAL_SPEEDUP:g}x), "
               f"perplexity {rise:+.1%} (<= +{GOAL_PPL:.0%}): {'PASS' if ok else 'MISS'}")
+    if DEMO_REF in per:  # against the demo's own fp32 reference (another export route)
+        own = [a[1] / b[1] for a, b in zip(per[FINAL], per[DEMO_REF], strict=True)]
+        x = statistics.median(own)
+        print(f"goal, {FINAL} vs {DEMO_REF}: decode {x:.2f}x ({min(own):.2f}-{max(own):.2f}; "
+              f">= {GOAL_SPEEDUP:g}x): {'PASS' if x >= GOAL_SPEEDUP else 'MISS'}")
     return 0
 
 

@@ -398,21 +398,47 @@ def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
                  trust_remote_code: bool = False) -> HeadToHead:
     """The speed-up that goes on the card and the min_speedup gate: both models loaded side by
     side and timed in turns (reference, candidate, candidate, reference, ...) at batch 1 and the
-    fixed length, so a busy moment slows both. Two evaluations minutes apart measured 24x for a
+    fixed length (causal LMs: decode ms per token, one generate call a round), so a busy moment
+    slows both. Two evaluations minutes apart measured 24x for a
     3x MAC cut on a loaded machine; this does not."""
     threads = spec.latency.threads or default_threads()
     seq_len = spec.latency.sequence_length or data.spec.max_length
     tok = load_tokenizer(candidate.path, trust_remote_code=trust_remote_code)
-    batch = fixed_batch(tok, list(data.eval["text"][:1]), 1, seq_len)
     preds = [predictor(r, data.num_labels, threads, trust_remote_code=trust_remote_code)
              for r in (reference, candidate)]
     runtime = preds[1].runtime
     if preds[0].runtime != runtime:
         raise ValueError(f"head to head needs one runtime, got {preds[0].runtime} and {runtime}")
     rounds = spec.latency.head_to_head_rounds
-    ms = interleaved({"a": lambda: preds[0].logits(batch), "b": lambda: preds[1].logits(batch)},
-                     rounds=rounds, runs=max(3, spec.latency.runs // 3),
-                     warmup=spec.latency.warmup)
+    extra: dict[str, Any] = {}
+    if data.causal_lm and spec.decode is not None:
+        # what an LM user waits for: ms per generated token, each round one generate call of
+        # each model (the prompt is the card's decode prompt)
+        from compress.decode import decode_speed
+
+        d = spec.decode
+        onnx = runtime == "onnxruntime"
+
+        def per_token(p: Predictor) -> float:
+            r = decode_speed(p.model, tok, prompt_tokens=d.prompt_tokens,
+                             new_tokens=d.new_tokens, runs=1, warmup=0,
+                             torch_threads=1 if onnx else None)
+            return 1000 / max(r["decode_tokens_per_s"], 1e-9)
+
+        for p in preds:
+            per_token(p)  # warm-up
+        ms: dict[str, list[float]] = {"a": [], "b": []}
+        for r in range(rounds):
+            for key in ("ab" if r % 2 == 0 else "ba"):
+                ms[key].append(per_token(preds["ab".index(key)]))
+        seq_len = d.prompt_tokens
+        extra = {"measure": "decode", "new_tokens": d.new_tokens}
+    else:
+        batch = fixed_batch(tok, list(data.eval["text"][:1]), 1, seq_len)
+        ms = interleaved({"a": lambda: preds[0].logits(batch),
+                          "b": lambda: preds[1].logits(batch)},
+                         rounds=rounds, runs=max(3, spec.latency.runs // 3),
+                         warmup=spec.latency.warmup)
     ratios = [round(x / max(y, 1e-9), 4) for x, y in zip(ms["a"], ms["b"], strict=True)]
     preds.clear()
     gc.collect()
@@ -421,7 +447,7 @@ def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
                       reference_ms=[round(x, 4) for x in ms["a"]],
                       candidate_ms=[round(x, 4) for x in ms["b"]], ratios=ratios,
                       speedup=round(float(np.median(ratios)), 3), low=min(ratios),
-                      high=max(ratios), noisy=spread(ratios) > NOISY)
+                      high=max(ratios), noisy=spread(ratios) > NOISY, **extra)
 
 
 def _lm_card(pred: Predictor, ref: ModelRef, data: TaskData, tokenizer: Any,

@@ -115,9 +115,9 @@ def render_markdown(report: RunReport) -> str:
     h = report.head_to_head
     if h is not None:
         lines += [f"Final speed-up, timed head to head: **{h.speedup:.2f}x** ({h.candidate} vs "
-                  f"{h.reference}, {h.runtime}, batch {h.batch_size}, {h.sequence_length} "
-                  f"tokens, {h.rounds} rounds in turns, per-round {h.low:.2f}-{h.high:.2f}x"
-                  + (", noisy" if h.noisy else "") + ").", ""]
+                  f"{h.reference}, {h.runtime}, {h.what}, {h.rounds} rounds in turns, "
+                  f"per-round {h.low:.2f}-{h.high:.2f}x" + (", noisy" if h.noisy else "")
+                  + ").", ""]
     if report.gates:
         lines += ["## Gates", ""]
         lines += [f"- {'PASS' if g.passed else 'FAIL'} `{g.gate}`: {g.message}"

@@ -171,3 +171,21 @@ def test_int8_teacher_needs_a_gpu(tmp_path, lm_assets):
 def test_lm_recipe_mistakes_are_named(tmp_path, lm_assets, stage, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(lm_recipe(tmp_path, lm_assets, [stage]))
+
+
+def test_an_lm_final_speedup_is_decode_timed_in_turns(tmp_path, lm_assets):
+    """For a causal LM the card's final speed-up (and min_speedup) is decode ms per token, both
+    models generating in turns, not one forward pass over the fixed length."""
+    from compress.pipeline import execute
+
+    ev = {**EVAL, "decode": {"prompt_tokens": 8, "new_tokens": 6, "runs": 1, "draft": False},
+          "latency": {**EVAL["latency"], "head_to_head_rounds": 5}}
+    p = lm_recipe(tmp_path, lm_assets, [{"kind": "prune", "drop_layers": [1, 2]}],
+                  model="teacher", evaluation=ev, gates={"min_speedup": 0.01})
+    report = execute(make_plan(load_recipe(p)), tmp_path / "reports")
+    h = report.head_to_head
+    assert h is not None and h.measure == "decode" and h.new_tokens == 6
+    assert h.sequence_length == 8 and len(h.ratios) == len(h.candidate_ms) == 5
+    assert h.low <= h.speedup <= h.high and h.runtime == "torch"
+    [gate] = report.gates
+    assert gate.gate == "min_speedup" and "decode tokens/s" in gate.message
