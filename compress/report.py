@@ -242,8 +242,8 @@ def check_gates(report: RunReport, gates: Gates) -> list[GateResult]:
         else:
             out.append(GateResult(gate="min_speedup", passed=speed >= gates.min_speedup,
                                   value=speed, threshold=gates.min_speedup,
-                                  message=f"{speed:.2f}x faster at batch 1, "
-                                          + (h2h.what if h2h is not None else "p50")
+                                  message=f"{speed:.2f}x faster, "
+                                          + (h2h.what if h2h is not None else "p50 at batch 1")
                                           + f" ({how}; required {gates.min_speedup:g}x)"))
     return [g for g in out if g is not None]
 

@@ -73,7 +73,7 @@ def test_speedup_is_like_for_like():
     onnx = _run(ref_ms=40.0, final_ms=10.0, onnx_ref_ms=20.0)
     g = _one(onnx, min_speedup=3.0)
     assert not g.passed and g.value == 2.0
-    assert g.message == "2.00x faster at batch 1, p50 (separate timings; required 3x)"
+    assert g.message == "2.00x faster, p50 at batch 1 (separate timings; required 3x)"
 
 
 def test_speedup_gate_prefers_the_head_to_head_measurement():
@@ -87,8 +87,8 @@ def test_speedup_gate_prefers_the_head_to_head_measurement():
                                 high=3.1, noisy=False)
     g = _one(r, min_speedup=3.5)
     assert not g.passed and g.value == 3.0
-    assert g.message == "3.00x faster at batch 1, p50 (head to head, 5 rounds 2.90-3.10x; " \
-                        "required 3.5x)"
+    assert g.message == "3.00x faster, p50 of a forward pass, batch 1, 64 tokens (head to " \
+                        "head, 5 rounds 2.90-3.10x; required 3.5x)"
 
 
 def test_no_speedup_across_runtimes():
