@@ -428,7 +428,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         lock = exclusive(db.with_name(db.name + ".lock"), wait=True)
     try:
         with lock, _optuna_quiet():
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            return _rdb_storage(url, kwargs)
     except ImportError as e:  # Optuna wraps the driver's ModuleNotFoundError
         missing = getattr(e.__cause__ or e.__context__ or e, "name", None) or first_line(e)
         raise RecipeError(f"search.storage: {label}: its database driver is not installed "
@@ -436,6 +436,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                           "(postgresql://) or psycopg2-binary (postgresql+psycopg2://)") from None
     except Exception as e:  # noqa: BLE001 - SQLAlchemy/driver errors: one line, nothing ran
         raise RecipeError(f"search.storage: cannot open {label}: {first_line(e)}") from None
+
+
+def _rdb_storage(url: str, kwargs: dict[str, Any], tries: int = 5) -> optuna.storages.RDBStorage:
+    """RDBStorage, again when two processes created a server database's schema at once: the
+    loser's CREATE fails on the winner's tables (PostgreSQL: a unique violation on pg_type, seen
+    with two search workers starting together), and a second try finds them made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- one trial
