@@ -25,6 +25,7 @@ from compress.measure import (
     NOISY,
     PeakMemory,
     default_threads,
+    in_turns,
     interleaved,
     latency_stats,
     spread,
@@ -399,8 +400,8 @@ def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
     """The speed-up that goes on the card and the min_speedup gate: both models loaded side by
     side and timed in turns (reference, candidate, candidate, reference, ...) at batch 1 and the
     fixed length (causal LMs: decode ms per token, one generate call a round), so a busy moment
-    slows both. Two evaluations minutes apart measured 24x for a
-    3x MAC cut on a loaded machine; this does not."""
+    slows both. Two evaluations minutes apart measured 24x for a 3x MAC cut on a loaded machine;
+    this does not."""
     threads = spec.latency.threads or default_threads()
     seq_len = spec.latency.sequence_length or data.spec.max_length
     tok = load_tokenizer(candidate.path, trust_remote_code=trust_remote_code)
@@ -427,10 +428,8 @@ def head_to_head(reference: ModelRef, candidate: ModelRef, data: TaskData,
 
         for p in preds:
             per_token(p)  # warm-up
-        ms: dict[str, list[float]] = {"a": [], "b": []}
-        for r in range(rounds):
-            for key in ("ab" if r % 2 == 0 else "ba"):
-                ms[key].append(per_token(preds["ab".index(key)]))
+        ms = in_turns({"a": lambda: per_token(preds[0]), "b": lambda: per_token(preds[1])},
+                      rounds)
         seq_len = d.prompt_tokens
         extra = {"measure": "decode", "new_tokens": d.new_tokens}
     else:

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -21,6 +21,7 @@ PACKAGES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxrun
             "torch-pruning", "accelerate", "datasets", "prefect", "bitsandbytes")
 
 
+T = TypeVar("T")
 NOISY = 1.2  # rounds whose medians differ by more than this factor: the figure is noisy
 
 
@@ -76,10 +77,20 @@ def latency_stats(samples_ms: list[float], **info: Any) -> Latency:
                    noisy=len(rounds) > 1 and spread(rounds) > NOISY, **info)
 
 
+def in_turns(calls: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Each call once a round, in turns (A, B, then B, A: no fixed first mover), returning
+    what each call measured: both see the same machine, so a ratio of them is not a ratio of
+    two different moments."""
+    out: dict[str, list[T]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in list(calls) if r % 2 == 0 else list(reversed(calls)):
+            out[name].append(calls[name]())
+    return out
+
+
 def interleaved(calls: dict[str, Callable[[], Any]], *, rounds: int = 7, runs: int = 10,
                 warmup: int = 3, min_round_s: float = 0.2) -> dict[str, list[float]]:
-    """Per-round median milliseconds of each call, timed in turns (A, B, A, B, ...): both see
-    the same machine, so a ratio of them is not a ratio of two different moments.
+    """Per-round median milliseconds of each call, timed in turns (`in_turns`).
 
     A round of each call lasts at least `min_round_s` (more runs for a fast call): ten runs of
     a 1.5 ms model are 15 ms, short enough for one hiccup of another process (an embedded
@@ -91,13 +102,8 @@ def interleaved(calls: dict[str, Callable[[], Any]], *, rounds: int = 7, runs: i
             fn()
         one = time_calls(fn, warmup=0, runs=1)[0] / 1000
         n[name] = max(runs, math.ceil(min_round_s / max(one, 1e-6)))
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(rounds):
-        order = list(calls) if r % 2 == 0 else list(reversed(calls))  # no fixed first mover
-        for name in order:
-            out[name].append(float(np.median(time_calls(calls[name], warmup=0,
-                                                        runs=n[name]))))
-    return out
+    return in_turns({name: (lambda fn=fn, k=n[name]: float(np.median(
+        time_calls(fn, warmup=0, runs=k)))) for name, fn in calls.items()}, rounds)
 
 
 class PeakMemory:

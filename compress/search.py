@@ -444,14 +444,12 @@ def _rdb_storage(url: str, kwargs: dict[str, Any], tries: int = 5) -> optuna.sto
     with two search workers starting together), and a second try finds them made."""
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    for attempt in range(tries):
+    for attempt in range(tries - 1):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except (IntegrityError, ProgrammingError):
-            if attempt == tries - 1:
-                raise
             time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)  # the last try raises
 
 
 # ----------------------------------------------------------------------------- one trial

@@ -22,3 +22,13 @@ def test_a_fast_call_runs_often_enough_to_fill_its_round():
     assert 1 + 3 * 2 <= count["slow"] <= 1 + 3 * 3  # 60 ms a round / >= 20 ms a call
     assert count["fast"] >= 1 + 3 * 20  # dozens of runs, not 2
     assert all(f < s for f, s in zip(ms["fast"], ms["slow"], strict=True))
+
+
+def test_turns_alternate_who_goes_first_and_return_what_each_call_measured():
+    from compress.measure import in_turns
+
+    seen = []
+    out = in_turns({"a": lambda: seen.append("a") or 1.0, "b": lambda: seen.append("b") or 2.0},
+                   rounds=3)
+    assert seen == ["a", "b", "b", "a", "a", "b"]
+    assert out == {"a": [1.0] * 3, "b": [2.0] * 3}
