@@ -77,6 +77,9 @@ def _greedy_kwargs(model: Any, ids: torch.Tensor, new_tokens: int) -> dict[str, 
     if pad is None:
         eos = getattr(cfg, "eos_token_id", None)
         pad = eos[0] if isinstance(eos, list) else eos
+    from compress.models import device_of
+
+    ids = ids.to(device_of(model))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
             "num_beams": 1, "pad_token_id": pad if pad is not None else 0}

@@ -40,6 +40,7 @@ from compress.losses import (
     topk_kd_kl_loss,
     uniform_layer_map,
 )
+from compress.models import device_of, on_accelerator, placed_as_loaded
 from compress.teacher_cache import TopKCache, TopKCacheWriter, cache_key
 from compress.train import LossProvider, encode_indexed
 
@@ -118,7 +119,8 @@ class LiveTeachers(LossProvider):
         return self._extra
 
     def prepare(self, device: Any) -> None:
-        self.teachers = [t.to(device).eval().requires_grad_(False) for t in self.teachers]
+        self.teachers = [(t if placed_as_loaded(t) else t.to(device)).eval().requires_grad_(False)
+                         for t in self.teachers]
 
     def loss(self, out: Any, labels: torch.Tensor, batch: dict[str, Any],
              idx: torch.Tensor) -> torch.Tensor:
@@ -164,8 +166,8 @@ def build_teacher_cache(teacher: Any, teacher_ref: ModelRef, tokenizer: Any, dat
         return cache
     enc = encode_indexed(data, tokenizer)
     writer = TopKCacheWriter(folder, len(enc), k)
-    device = next(teacher.parameters()).device
-    with torch.inference_mode():
+    with on_accelerator(teacher), torch.inference_mode():
+        device = device_of(teacher)
         for batch in loader(enc, tokenizer, batch_size * 2):
             batch.pop("labels")
             idx = batch.pop("idx")

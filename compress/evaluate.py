@@ -32,7 +32,13 @@ from compress.measure import (
     time_calls,
 )
 from compress.metrics import Metrics, classification_scores, default_metric
-from compress.models import count_parameters, load_model, load_tokenizer
+from compress.models import (
+    count_parameters,
+    device_of,
+    load_model,
+    load_tokenizer,
+    placed_as_loaded,
+)
 from compress.report import HeadToHead
 from compress.spec import EvaluationSpec
 
@@ -101,7 +107,7 @@ class TorchPredictor(Predictor):
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if getattr(model, "is_quantized", False):  # bitsandbytes places its own weights
+        if placed_as_loaded(model):  # bitsandbytes places its own weights
             self.device = str(next(model.parameters()).device)
             self.model = model.eval()
         else:
@@ -459,5 +465,7 @@ def _lm_card(pred: Predictor, ref: ModelRef, data: TaskData, tokenizer: Any,
             ref.format == "hf" and draft_for.format == "hf":
         target = pred.model if draft_for.hash == ref.hash else load_model(
             draft_for.path, "causal-lm", trust_remote_code=trust_remote_code)
+        if not placed_as_loaded(target):  # draft and target must share a device
+            target = target.to(device_of(pred.model))
     return card_scores(pred.model, pred.logits, ref.format == "onnx", data, tokenizer, spec,
                        draft_target=target)

@@ -105,6 +105,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     teacher's generations (compress.llm_distill) share it."""
     import torch
 
+    from compress.models import device_of
+
+    device = device_of(model)
     pad, stops = _pad_id(tokenizer), stop_ids(tokenizer, model)
     sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} \
         if temperature > 0 else {"do_sample": False}
@@ -116,8 +119,8 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
         part = order[start:start + batch_size]
         ids, mask = _pad([prompts[i] for i in part], pad, left=True)
         with torch.inference_mode():
-            gen = model.generate(input_ids=torch.as_tensor(ids),
-                                 attention_mask=torch.as_tensor(mask),
+            gen = model.generate(input_ids=torch.as_tensor(ids, device=device),
+                                 attention_mask=torch.as_tensor(mask, device=device),
                                  max_new_tokens=max_new_tokens, num_beams=1, **sample,
                                  eos_token_id=stops, pad_token_id=pad)
         for j, i in enumerate(part):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,47 @@ def save_hf(model: Any, tokenizer: Any, out_dir: Path) -> None:
         return
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def device_of(model: Any) -> Any:
+    """The torch device a model's inputs must be on: `.device` (HF and optimum's ORT models
+    have one), else its first parameter's, else the CPU. Inputs built on the CPU and fed to a
+    model on a GPU fail in the first embedding lookup, so every generate/forward we call moves
+    its tensors here first."""
+    import torch
+
+    d = getattr(model, "device", None)
+    if isinstance(d, torch.device):
+        return d
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
+def placed_as_loaded(model: Any) -> bool:
+    """True for models whose weights bitsandbytes (or a device map) placed: `.to()` refuses
+    them (`.to` is not supported for 8-bit models) and they already sit where they run."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "is_loaded_in_4bit", False)
+                or len(getattr(model, "hf_device_map", None) or {}) > 1)
+
+
+@contextmanager
+def on_accelerator(model: Any) -> Iterator[Any]:
+    """The model on the GPU for a one-off inference job (the teacher's top-k cache, its
+    generations), back on its own device after, so it does not hold GPU memory while the
+    student trains. A no-op without CUDA or for models bitsandbytes placed."""
+    import torch
+
+    if not torch.cuda.is_available() or placed_as_loaded(model):
+        yield model
+        return
+    home = device_of(model)
+    try:
+        yield model.to("cuda")
+    finally:
+        model.to(home)
 
 
 def count_parameters(model: Any) -> int:

@@ -392,15 +392,21 @@ class DistillConfig(TrainingConfig):
         """The teacher's texts for these prompts, with its own tokenizer (cached; rank 0
         generates, the other ranks of a distributed launch then read the cache)."""
         from compress.llm_distill import teacher_texts
-        from compress.models import is_main_process, load_tokenizer, wait_for_everyone
+        from compress.models import (
+            is_main_process,
+            load_tokenizer,
+            on_accelerator,
+            wait_for_everyone,
+        )
 
         t_tok = load_tokenizer(teacher_ref.path,
                                trust_remote_code=ctx.recipe.model.trust_remote_code)
         if not is_main_process():
             wait_for_everyone()
-        texts, facts = teacher_texts(teacher, teacher_ref, t_tok, prompts, chats, settings,
-                                     Path(ctx.recipe.output_root), self.batch_size,
-                                     ctx.data.spec.max_length, warnings)
+        with on_accelerator(teacher):
+            texts, facts = teacher_texts(teacher, teacher_ref, t_tok, prompts, chats, settings,
+                                         Path(ctx.recipe.output_root), self.batch_size,
+                                         ctx.data.spec.max_length, warnings)
         if is_main_process():
             wait_for_everyone()
         return texts, facts
