@@ -12,6 +12,8 @@ Hamlet in blocks of 128 tokens, in tokens/s as well, and the training throughput
 (6 x student parameters x tokens/s, plus 2 x teacher parameters x tokens/s when it runs live);
 --peak-tflops (e.g. 989 for an H100's dense bf16) prints it as a fraction of the GPU's peak.
 --compile on|both trains with torch.compile (both: each mode eager and compiled, one table).
+Rates are steady-state (after the first tenth of the steps: compilation and warm-up); the
+'whole run' column counts those steps too.
 Usage: python benchmarks/distill_throughput.py [--lm] [--steps 40] [--batch-size 32]
        [--compile off|on|both]
 """
@@ -93,20 +95,24 @@ def main() -> None:
             s_params, t_params = count_parameters(student), count_parameters(teacher)
             _, stats = train(student, tok, data, cfg, loss, desc=name[:3])
             flops = 6 * s_params + (2 * t_params if isinstance(loss, LiveTeachers) else 0)
-            rows[name + tag] = (stats["samples_per_s"], stats.get("tokens_per_s"),
-                                flops * stats.get("tokens_per_s", 0) / 1e12,
-                                stats["precision"])
+            steady = stats.get("steady", stats)  # after the first tenth of the steps
+            rows[name + tag] = (steady["samples_per_s"], steady.get("tokens_per_s"),
+                                flops * steady.get("tokens_per_s", 0) / 1e12,
+                                stats["precision"], stats["samples_per_s"])
     base = next(iter(rows.values()))[0]
     length = 128 if args.lm else 64
     print(f"\n{'SmolLM2-135M' if args.lm else 'MiniLM'}: {steps} steps x batch {bs}, max length "
           f"{length}, {default_threads()} threads, {device}; student {s_params / 1e6:.1f}M, "
           f"teacher {t_params / 1e6:.1f}M parameters")
-    head = f"{'mode':40}{'precision':>10}{'samples/s':>12}{'cost vs (a)':>14}"
+    print("steady state: after the first tenth of the steps (compilation, caches); 'whole "
+          "run' counts them")
+    head = (f"{'mode':40}{'precision':>10}{'whole run':>11}{'samples/s':>11}"
+            f"{'cost vs (a)':>13}")
     if args.lm:
         head += f"{'tokens/s':>12}{'TFLOP/s':>10}" + ("  of peak" if args.peak_tflops else "")
     print(head)
-    for name, (r, tps, tflops, precision) in rows.items():
-        line = f"{name:40}{precision:>10}{r:>12.2f}{base / r:>13.2f}x"
+    for name, (r, tps, tflops, precision, whole) in rows.items():
+        line = f"{name:40}{precision:>10}{whole:>11.2f}{r:>11.2f}{base / r:>12.2f}x"
         if args.lm:
             line += f"{tps:>12.1f}{tflops:>10.3f}"
             if args.peak_tflops:

@@ -439,16 +439,24 @@ def calibration_batches(data: TaskData, tokenizer: Any, n: int, batch_size: int 
 
 
 def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = False,
-           seed: int = 0, tensors: str = "pt") -> Any:
+           seed: int = 0, tensors: str = "pt", static_shapes: bool = False) -> Any:
     """A DataLoader over encoded rows, padding each batch to its longest row (token labels,
-    as prompt/response rows have, padded with -100)."""
+    as prompt/response rows have, padded with -100).
+
+    `static_shapes` (for torch.compile): lengths padded to a multiple of 64 and the last short
+    batch dropped, so a compiled model sees a few shapes; every new one recompiles (on an H100
+    a ragged last batch cost ~90 s of a 150 s run)."""
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     ragged = "labels" in encoded.column_names and len(encoded) and \
         isinstance(encoded[0]["labels"], list)
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors=tensors) \
-        if ragged else DataCollatorWithPadding(tokenizer, return_tensors=tensors)
+    multiple = 64 if static_shapes else None
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, return_tensors=tensors,
+                                     pad_to_multiple_of=multiple) \
+        if ragged else DataCollatorWithPadding(tokenizer, return_tensors=tensors,
+                                               pad_to_multiple_of=multiple)
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=collate, generator=gen)
+                                       collate_fn=collate, generator=gen,
+                                       drop_last=static_shapes and len(encoded) >= batch_size)

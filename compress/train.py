@@ -121,7 +121,9 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     accum = cfg.gradient_accumulation
     acc = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
     enc = encode_indexed(data, tokenizer)
-    per_epoch = math.ceil(len(enc) / (cfg.batch_size * acc.num_processes))  # micro-batches
+    rows = cfg.batch_size * acc.num_processes
+    static = cfg.compile and len(enc) >= rows  # compiled: the loader drops the short batch
+    per_epoch = (len(enc) // rows if static else math.ceil(len(enc) / rows))  # micro-batches
     steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / accum))  # optimizer
     fwd = loss.forward_kwargs
     extra = loss.modules().to(acc.device)
@@ -159,7 +161,17 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
         step = resumed = state["step"]
         losses, curve = state["extra"]["losses"], state["extra"]["curve"]
         evals = state["extra"].get("evals", [])
-    samples = tokens = 0
+    samples = 0
+    tokens: Any = 0  # a device tensor while training: no host sync per step
+    unsynced: list[torch.Tensor] = []  # step losses not yet read back from the device
+
+    def flush() -> None:  # one device->host read for many steps (a sync each step stalls GPUs)
+        if unsynced:
+            losses.extend(torch.stack(unsynced).float().tolist())
+            unsynced.clear()
+
+    warm = max(1, steps // 10)  # steps before the steady-state clock starts (compile, caches)
+    steady_from: tuple[float, int, int] | None = None
     t0 = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not acc.is_local_main_process, mininterval=1.0)
@@ -169,7 +181,7 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     try:  # the bar ends its line even when a stop or an error ends training
         while step < steps and stopped is None:
             dl = acc.prepare(loader(enc, tokenizer, cfg.batch_size, shuffle=True,
-                                    seed=cfg.seed + epoch))
+                                    seed=cfg.seed + epoch, static_shapes=cfg.compile))
             if skip:
                 dl = acc.skip_first_batches(dl, skip)
             for batch in dl:
@@ -179,19 +191,24 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
                     out = forward(**batch, **fwd)
                     value = loss.loss(out, labels, batch, idx) / accum
                 acc.backward(value)
-                pending += float(value.detach())
+                pending = pending + value.detach()
                 micro += 1
                 samples += len(labels)
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                if "attention_mask" in batch:
+                    tokens = tokens + batch["attention_mask"].sum()
                 if micro % accum:
                     continue
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                losses.append(pending)
+                unsynced.append(torch.as_tensor(pending))
                 pending = 0.0
+                if step == warm and step < steps:
+                    flush()  # synchronizes: the clock starts with the device idle
+                    steady_from = (time.perf_counter(), samples, int(tokens))
                 if step % every == 0 or step == steps:
+                    flush()
                     curve.append([step, sum(losses[-every:]) / len(losses[-every:])])
                     rate = samples / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{curve[-1][1]:.4f}", samples_s=f"{rate:.1f}",
@@ -212,6 +229,7 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
                 if checkpoint_dir is not None and cfg.checkpoint_every and \
                         step % cfg.checkpoint_every == 0 and step < steps and \
                         acc.is_main_process:
+                    flush()
                     save_checkpoint(checkpoint_dir, step, model=trainable(),
                                     optimizer=opt, scheduler=sched,
                                     extra={"losses": losses, "curve": curve, "evals": evals})
@@ -220,7 +238,10 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
             epoch, skip = epoch + 1, 0
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    flush()  # also waits for the device's last step before the clock stops
+    tokens = int(tokens)
+    t_end = time.perf_counter()
+    seconds = t_end - t0
     model = acc.unwrap_model(model).eval()
     if best is not None:
         model.load_state_dict(best[2])  # the best evaluation, not the last step
@@ -242,6 +263,15 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
         stats["warnings"] = warnings
     if data.causal_lm:
         stats["tokens_per_s"] = round(tokens * acc.num_processes / per_s, 1)
+    if steady_from is not None and step > warm:
+        # after the first steps (compilation, allocator and kernel caches): what a longer run
+        # sustains; the rates above include that start-up
+        t_w, s_w, k_w = steady_from
+        dt = max(t_end - t_w, 1e-9)
+        stats["steady"] = {"from_step": warm,
+                           "samples_per_s": round((samples - s_w) * acc.num_processes / dt, 2)}
+        if data.causal_lm:
+            stats["steady"]["tokens_per_s"] = round((tokens - k_w) * acc.num_processes / dt, 1)
     if es:
         stats["early_stopping"] = {"evals": evals, "stopped_at_step": stopped,
                                    "best_step": best[1] if best else None,
