@@ -130,6 +130,8 @@ def test_compiled_student_trains_like_the_eager_one(write_recipe, tmp_path):
                                                   output_root=str(tmp_path / str(compiled)))))
         runs[compiled] = run_stage(plan, 0, plan.source).info["training"]
     assert runs[True]["compiled"] and not runs[False]["compiled"]
+    for r in runs.values():  # the rate after the first tenth of the steps (compilation)
+        assert r["steady"]["from_step"] == 1 and r["steady"]["samples_per_s"] > 0
     for (s1, a), (s2, b) in zip(runs[False]["loss_curve"], runs[True]["loss_curve"],
                                 strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-3, abs=1e-4)
