@@ -138,7 +138,9 @@ def mix_soft_hard(
 def hidden_state_loss(
     student_hidden: Tensor, teacher_hidden: Tensor, kind: str = "mse", mask=None
 ) -> Tensor:
-    """Hidden-state matching (FitNets/TinyBERT): "mse" or "cosine" (mean of 1 - cos)."""
+    """Hidden-state matching (FitNets/TinyBERT): "mse", "nmse" (MSE over the teacher's mean
+    square: a pre-norm LM's residual stream grows with depth to norms in the hundreds, where
+    plain MSE outweighs the task loss ~1000 to 1) or "cosine" (mean of 1 - cos)."""
     if student_hidden.shape != teacher_hidden.shape:
         raise ValueError(
             f"student hidden shape {tuple(student_hidden.shape)} != teacher hidden shape "
@@ -147,9 +149,11 @@ def hidden_state_loss(
     s, t = _select(student_hidden, mask).float(), _select(teacher_hidden, mask).float()
     if kind == "mse":
         return _mean((s - t).pow(2))
+    if kind == "nmse":
+        return _mean((s - t).pow(2)) / _mean(t.pow(2)).detach().clamp_min(1e-12)
     if kind == "cosine":
         return _mean(1.0 - F.cosine_similarity(s, t, dim=-1))
-    raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
+    raise ValueError(f"kind must be 'mse', 'nmse' or 'cosine', got {kind!r}")
 
 
 def attention_kl_loss(student_attn: Tensor, teacher_attn: Tensor, mask=None) -> Tensor:

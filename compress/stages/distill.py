@@ -25,7 +25,9 @@ class HiddenMatch(Strict):
     differ."""
 
     weight: float = Field(1.0, gt=0)
-    kind: Literal["mse", "cosine"] = "mse"
+    kind: Literal["mse", "nmse", "cosine"] = Field(
+        "mse", description="mse; nmse: MSE over the teacher's mean square (scale-free: what "
+        "`match_layers: auto` uses for causal LMs); cosine: 1 - cos.")
     layer_map: list[tuple[int, int]] | None = Field(
         None, description="(student layer, teacher layer) pairs, 1-based; default: uniform."
     )
@@ -93,6 +95,7 @@ class DistillConfig(TrainingConfig):
     kind: Literal["distill"] = "distill"
 
     uses_reference: ClassVar[bool] = True
+    version: ClassVar[int] = 2  # 2: auto layer matching of causal LMs uses nmse, not mse
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft (KL) term; 1 = pure KD.")
     divergence: Literal["kl", "reverse_kl", "jsd"] = Field(
@@ -251,8 +254,11 @@ class DistillConfig(TrainingConfig):
         if not lm and all(_heads(student, s - 1) == _heads(teacher, t - 1) for s, t in pairs):
             attention = 1.0
         how = "the layers they came from" if layer_map else "a uniform map"
-        return (HiddenMatch(weight=1.0, kind="mse", layer_map=layer_map), attention,
-                f"{s_n} of {t_n} layers: hidden states matched to {how}"
+        # Encoders' post-LayerNorm states are O(1); a decoder's residual stream is not (norms
+        # grow with depth): plain MSE there outweighed the task loss ~1000:1.
+        kind = "nmse" if lm else "mse"
+        return (HiddenMatch(weight=1.0, kind=kind, layer_map=layer_map), attention,
+                f"{s_n} of {t_n} layers: hidden states matched ({kind}) to {how}"
                 + (", attention maps too" if attention else " (head counts differ: no "
                    "attention maps)"))
 

@@ -199,6 +199,17 @@ def test_hidden_state_mse_and_cosine_hand_computed():
     assert got.item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_hidden_state_nmse_is_mse_over_the_teachers_mean_square_and_scale_free():
+    s, te = t([[1.0, 2.0], [3.0, 0.0]]), t([[0.0, 0.0], [1.0, 2.0]])
+    # mse 9/4 (as above but t = [1, 2] in row 2: (1 + 4 + 4 + 4) / 4 = 13/4), teacher (0+0+1+4)/4
+    got = hidden_state_loss(s, te, kind="nmse")
+    assert got.item() == pytest.approx((13 / 4) / (5 / 4), abs=1e-6)
+    # a residual stream 100x larger gives the same loss (plain mse: 10,000x)
+    assert hidden_state_loss(100 * s, 100 * te, kind="nmse").item() == pytest.approx(got.item())
+    assert hidden_state_loss(100 * s, 100 * te).item() == pytest.approx(
+        1e4 * hidden_state_loss(s, te).item(), rel=1e-5)
+
+
 def test_hidden_state_bad_arguments():
     with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(2, 3, 8\)"):
         hidden_state_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 8))

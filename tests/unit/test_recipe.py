@@ -129,6 +129,7 @@ def test_distill_matches_kept_layers_by_default():
     assert DistillConfig().matching(pruned_heads, teacher, lm=False)[1] == 0.0
     uniform, _, why = DistillConfig().matching({"num_hidden_layers": 3}, teacher, lm=True)
     assert uniform.layer_map is None and "uniform" in why  # the loss builds the uniform map
+    assert (hidden.kind, uniform.kind) == ("mse", "nmse")  # a decoder's states are not O(1)
     assert DistillConfig(teacher_cache=True).matching(student, teacher, False)[:2] == (None, 0)
     explicit = HiddenMatch(weight=2.0)
     assert DistillConfig(hidden=explicit).matching(student, teacher, False) == (explicit, 0.0,
