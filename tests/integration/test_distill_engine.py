@@ -148,5 +148,5 @@ def test_a_deeper_pruned_student_matches_the_layers_it_kept(write_recipe):
     card = run_stage(plan, 1, pruned.model)
     assert card.info["layer_map"] == [[1, 1], [2, 3], [3, 4]]
     assert card.info["attention_weight"] == 1.0
-    assert card.info["layer_matching"].startswith("3 of 4 layers: hidden states matched to the "
-                                                  "layers they came from, attention maps too")
+    assert card.info["layer_matching"].startswith("3 of 4 layers: hidden states matched (mse) to "
+                                                  "the layers they came from, attention maps too")
