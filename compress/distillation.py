@@ -204,7 +204,7 @@ def augment(teacher: Any, tokenizer: Any, data: TaskData, *, prompts: int, promp
     blocks = encode(data.train, tokenizer, data.spec.max_length)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=gen)[:prompts].tolist()
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)
     texts: list[str] = []
     new_tokens = 0
     torch.manual_seed(seed)

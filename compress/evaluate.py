@@ -108,7 +108,7 @@ class TorchPredictor(Predictor):
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if placed_as_loaded(model):  # bitsandbytes places its own weights
-            self.device = str(next(model.parameters()).device)
+            self.device = str(device_of(model))
             self.model = model.eval()
         else:
             self.model = model.to(self.device).eval()

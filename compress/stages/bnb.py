@@ -97,7 +97,9 @@ def linear_kinds(model: Any) -> dict[str, int]:
 def _sample_logits(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
-    device = next(model.parameters()).device
+    from compress.models import device_of
+
+    device = device_of(model)
     with torch.inference_mode():
         return model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
 
