@@ -445,7 +445,8 @@ def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = Fal
 
     `static_shapes` (for torch.compile): lengths padded to a multiple of 64 and the last short
     batch dropped, so a compiled model sees a few shapes; every new one recompiles (on an H100
-    a ragged last batch cost ~90 s of a 150 s run)."""
+    a ragged last batch cost ~90 s of a 150 s run). The caller decides it, knowing the rows
+    make at least one full batch (compress.train counts its epochs from the same decision)."""
     import torch
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
@@ -459,4 +460,4 @@ def loader(encoded: Any, tokenizer: Any, batch_size: int, *, shuffle: bool = Fal
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(encoded, batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, generator=gen,
-                                       drop_last=static_shapes and len(encoded) >= batch_size)
+                                       drop_last=static_shapes)

@@ -122,7 +122,7 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     acc = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
     enc = encode_indexed(data, tokenizer)
     rows = cfg.batch_size * acc.num_processes
-    static = cfg.compile and len(enc) >= rows  # compiled: the loader drops the short batch
+    static = cfg.compile and len(enc) >= rows  # compiled: static shapes, the short batch dropped
     per_epoch = (len(enc) // rows if static else math.ceil(len(enc) / rows))  # micro-batches
     steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / accum))  # optimizer
     fwd = loss.forward_kwargs
@@ -181,7 +181,7 @@ def train(model: Any, tokenizer: Any, data: TaskData, cfg: TrainingConfig,
     try:  # the bar ends its line even when a stop or an error ends training
         while step < steps and stopped is None:
             dl = acc.prepare(loader(enc, tokenizer, cfg.batch_size, shuffle=True,
-                                    seed=cfg.seed + epoch, static_shapes=cfg.compile))
+                                    seed=cfg.seed + epoch, static_shapes=static))
             if skip:
                 dl = acc.skip_first_batches(dl, skip)
             for batch in dl:
