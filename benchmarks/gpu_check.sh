@@ -41,10 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # --- the project's packages over the machine's torch ------------------------------------------
 # Pinned by version where a different one changes behaviour (the machine may carry a newer
 # transformers); the rest only when missing. Always --no-deps: a resolver would pull a torch.
-PINNED="transformers tokenizers huggingface_hub torch-pruning bitsandbytes datasets pydantic \
-pydantic_core annotated-types typing-inspection"
-IF_MISSING="dill multiprocess accelerate safetensors pyyaml psutil rich typer tqdm fsspec \
-xxhash pyarrow pandas regex filelock packaging requests"
+source benchmarks/gpu_packages.sh
 mkdir -p "$SITE"
 export PYTHONPATH="$PWD/$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${GPU_WHEELS:-}" ]; then
@@ -52,13 +49,13 @@ if [ -n "${GPU_WHEELS:-}" ]; then
         --target "$SITE" "$GPU_WHEELS"/*.whl
 else
     want=()
-    for dist in $PINNED; do
-        v=$(grep -i -E "^${dist//[-_]/[-_]}==" constraints.txt | head -1 || true)
+    for dist in $GPU_PINNED; do
+        v=$(pin "$dist")
         [ -n "$v" ] && want+=("$v")
     done
-    for dist in $IF_MISSING; do
+    for dist in $GPU_IF_MISSING; do
         if ! "$PY" -c "import importlib.metadata as m; m.version('$dist')" 2>/dev/null; then
-            v=$(grep -i -E "^${dist//[-_]/[-_]}==" constraints.txt | head -1 || true)
+            v=$(pin "$dist")
             [ -n "$v" ] && want+=("$v")
         fi
     done

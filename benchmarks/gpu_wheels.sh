@@ -13,11 +13,10 @@ WHEELS=${1:-.whl}
 ASSETS=${2:-.gpu-assets}
 PYVER=${3:-3.12}
 PY=${PY:-.venv/bin/python}
-NAMES="transformers tokenizers huggingface_hub torch-pruning bitsandbytes datasets dill \
-multiprocess pydantic pydantic_core annotated-types typing-inspection"
+source benchmarks/gpu_packages.sh
 pins=()
-for dist in $NAMES; do
-    pins+=("$(grep -i -E "^${dist//[-_]/[-_]}==" constraints.txt | head -1)")
+for dist in $GPU_OFFLINE; do
+    pins+=("$(pin "$dist")")
 done
 rm -rf "$WHEELS"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
