@@ -14,11 +14,21 @@ ASSETS=${2:-.gpu-assets}
 PYVER=${3:-3.12}
 PY=${PY:-.venv/bin/python}
 source benchmarks/gpu_packages.sh
+# Both folders are replaced on each run, so only folders this script made (it leaves a marker)
+# or new ones: never a folder of someone else's files.
+MARK=.made-by-gpu_wheels
+for d in "$WHEELS" "$ASSETS"; do
+    if [ -e "$d" ] && [ ! -e "$d/$MARK" ]; then
+        echo "gpu_wheels: $d exists and was not made by this script; name a new folder" >&2
+        exit 2
+    fi
+done
 pins=()
 for dist in $GPU_OFFLINE; do
     pins+=("$(pin "$dist")")
 done
 rm -rf "$WHEELS"
+mkdir -p "$WHEELS" && touch "$WHEELS/$MARK"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" "${pins[@]}"
@@ -45,7 +55,7 @@ for whl in Path(sys.argv[1]).glob("bitsandbytes-*.whl"):
           "(CPU and CUDA 13 libraries only)")
 PYEOF
 rm -rf "$ASSETS"
-mkdir -p "$ASSETS/smollm2"
+mkdir -p "$ASSETS/smollm2" && touch "$ASSETS/$MARK"
 "$PY" -m compress.assets assets --lm >/dev/null
 for f in assets/smollm2/*; do
     [ "$(basename "$f")" = model.safetensors ] || cp "$f" "$ASSETS/smollm2/"

@@ -29,3 +29,15 @@ def test_every_package_the_gpu_check_installs_is_pinned():
                          check=True).stdout.split()
     unpinned = [line.split("=")[0] for line in out if line.endswith("=")]
     assert len(out) > 20 and unpinned == []
+
+
+def test_gpu_wheels_never_replaces_a_folder_it_did_not_make(tmp_path):
+    theirs = tmp_path / "wheels"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("someone else's")
+    r = subprocess.run(["bash", "benchmarks/gpu_wheels.sh", str(theirs)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        f"gpu_wheels: {theirs} exists and was not made by this script; name a new folder"]
+    assert (theirs / "keep.txt").read_text() == "someone else's"
